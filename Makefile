@@ -1,0 +1,124 @@
+# tinyllm — TinyLLM (Tian et al., arXiv 2402.04616): distil several teacher LLMs into one small student.
+#
+#   make all                      rationales -> train -> eval (the paper's OBQA row, 80M student)
+#   make test                     the offline test suite (tiny random weights)
+#   make help                     targets and variables
+#
+# Every target depends on set-up through a stamp file, so a fresh clone needs no manual step.
+
+# ---- variables (override on the command line: make train DATASET=arc LIMIT=64) -------------------
+DATASET  ?= obqa
+TEACHERS ?= flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2
+STUDENT  ?= google/flan-t5-small
+ALPHA    ?=
+METHOD   ?= tinyllm
+TEACHER  ?=
+DEVICE   ?= auto
+LIMIT    ?= 0
+DATA     ?= data
+CACHE    ?= cache
+OUT      ?= out
+SPLITS   ?= train
+RESUME   ?= 0
+ARGS     ?=
+
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+STAMPS   := .stamps
+RUN       = $(OUT)/$(DATASET)/$(METHOD)$(if $(TEACHER),-$(TEACHER))
+MODEL     = $(if $(filter inference,$(METHOD)),$(STUDENT),$(RUN)/best)
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TABLE_METHODS ?= inference finetune kd tinyllm
+
+export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
+
+.PHONY: help setup all rationales train eval table bench test clean
+.DEFAULT_GOAL := help
+
+help: ## this list
+	@echo "Targets:"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables (current value):"
+	@echo "  DATASET=$(DATASET)    obqa | arc | piqa | riddle | pubmedqa | bioasq"
+	@echo "  TEACHERS=\"$(TEACHERS)\""
+	@echo "                  name=source ...; source: release:flan-t5-xl | release:llama-2 | HF id or folder | openai:URL#MODEL"
+	@echo "  STUDENT=$(STUDENT)    HF id or folder (T5, or LLaMA-family as a decoder-only student)"
+	@echo "  ALPHA=\"$(ALPHA)\"    name=weight ... for Eq. 2 (default 1 for every teacher)"
+	@echo "  METHOD=$(METHOD)    tinyllm | finetune | kd | dss | lora | inference"
+	@echo "  TEACHER=$(TEACHER)    the one teacher of dss / kd (default: the first of TEACHERS)"
+	@echo "  DEVICE=$(DEVICE)    auto | cpu | cuda"
+	@echo "  LIMIT=$(LIMIT)    first N examples of each split (0 = all)"
+	@echo "  SPLITS=$(SPLITS)    splits to make rationales for (train,valid)"
+	@echo "  DATA=$(DATA)  CACHE=$(CACHE)  OUT=$(OUT)    datasets / rationale cache / checkpoints+results"
+	@echo "  RESUME=$(RESUME)    1 continues training from $(RUN)/last"
+	@echo "  ARGS=\"$(ARGS)\"    extra --key=value flags for the script behind the target"
+	@echo "  run folder: $(RUN)"
+
+# ---- set-up -------------------------------------------------------------------------------------
+# torch first, by hand: a bare `pip install torch` on Linux pulls a multi-GB CUDA build. With no
+# NVIDIA GPU we ask for the CPU build (a local wheel or PyPI mirror first, then PyTorch's CPU index).
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/torch: | $(STAMPS)/venv
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null || \
+	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_CPU_INDEX); \
+	fi
+	@touch $@
+
+$(STAMPS)/setup: requirements.txt $(STAMPS)/torch
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+$(STAMPS)/dev: requirements-dev.txt $(STAMPS)/setup
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+setup: $(STAMPS)/setup ## create .venv and install requirements.txt (CPU torch when no NVIDIA GPU)
+
+# ---- the method: rationales (§3.2) -> student (§3.3) -> accuracy ---------------------------------
+all: ## rationales, train and eval in turn
+	$(MAKE) rationales
+	$(MAKE) train
+	$(MAKE) eval
+
+rationales: $(STAMPS)/setup ## teacher rationales into CACHE (paper §3.2, Eq. 1)
+	$(PY) tinyllm.py rationales --dataset=$(DATASET) --teachers="$(TEACHERS)" --data=$(DATA) \
+	  --cache=$(CACHE) --limit=$(LIMIT) --splits=$(SPLITS) --device=$(DEVICE) $(ARGS)
+
+train: $(STAMPS)/setup ## train the student with METHOD into OUT/DATASET/METHOD (paper §3.3, Eq. 2-4)
+	$(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
+	  --method=$(METHOD) --teacher=$(TEACHER) --data=$(DATA) --cache=$(CACHE) --out=$(RUN) \
+	  --limit=$(LIMIT) --device=$(DEVICE) --resume=$(RESUME) $(ARGS)
+
+eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=inference)
+	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
+	  --out=$(RUN) --limit=$(LIMIT) --device=$(DEVICE) $(ARGS)
+
+table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM, print a Table-1-style markdown table
+	@for m in $(TABLE_METHODS); do \
+	  if [ $$m != inference ]; then $(MAKE) --no-print-directory train METHOD=$$m || exit 1; fi; \
+	  $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; \
+	done
+	@for t in $(foreach t,$(TEACHERS),$(firstword $(subst =, ,$(t)))); do \
+	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t && \
+	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t || exit 1; \
+	done
+	$(PY) eval.py table --dataset=$(DATASET) --out=$(OUT)
+
+bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (writes OUT/bench.json)
+	$(PY) tests/bench.py --device=$(DEVICE) --out=$(OUT) $(ARGS)
+
+# ---- tests --------------------------------------------------------------------------------------
+test: $(STAMPS)/dev ## offline test suite on tiny random weights (assets via TINYLLM_ASSETS)
+	$(PY) -m pytest -q tests $(ARGS)
+
+clean: ## remove run outputs (keeps .venv, DATA and CACHE)
+	rm -rf $(OUT) .pytest_cache __pycache__ tests/__pycache__

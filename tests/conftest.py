@@ -1,0 +1,131 @@
+"""Shared fixtures: where the real assets are, a loopback HTTP server, tiny random checkpoints.
+
+Everything here runs offline. Tests that need the real files beside the repo (datasets, tokenizers,
+stories260K) take the `assets` fixture, which skips with the reason when they are absent.
+"""
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # flat scripts: `import t5, llama, data, ...`
+
+
+def assets_dir() -> Path | None:
+    """TINYLLM_ASSETS, else ../shared/assets beside the repo when it exists."""
+    env = os.environ.get("TINYLLM_ASSETS")
+    path = Path(env) if env else REPO.parent / "shared" / "assets"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    path = assets_dir()
+    if path is None:
+        pytest.skip("real assets not found: set TINYLLM_ASSETS to the shared/assets folder "
+                    "(datasets, tokenizers, stories260K) to run this test")
+    return path
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves `server.root`; `server.hooks[path]` (a callable taking the handler) may answer instead,
+    so a test can inject 404s, 500s, truncated bodies or hangs for one path."""
+
+    def translate_path(self, path: str) -> str:
+        rel = path.split("?", 1)[0].lstrip("/")
+        return str(Path(self.server.root) / rel)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.requests.append(self.path)
+        hook = self.server.hooks.get(self.path.split("?", 1)[0])
+        if hook is not None:
+            return hook(self)
+        return super().do_GET()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.requests.append(self.path)
+        hook = self.server.hooks.get(self.path.split("?", 1)[0])
+        if hook is None:
+            self.send_error(404)
+            return
+        return hook(self)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def serve_folder():
+    """Start a loopback HTTP server over a folder: `server = serve_folder(root)`; `server.url` is
+    `http://127.0.0.1:PORT`, `server.hooks` maps a path to a handler function, `server.requests`
+    records the paths asked for. Servers stop when the test ends."""
+    servers = []
+
+    def start(root: str | Path) -> http.server.ThreadingHTTPServer:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        server.daemon_threads = True
+        server.root = str(root)
+        server.hooks = {}
+        server.requests = []
+        server.url = f"http://127.0.0.1:{server.server_address[1]}"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def make_tiny_t5(folder: Path, spiece: Path, **overrides) -> Path:
+    """A random FLAN-T5-shaped (v1.1, gated-gelu, untied) checkpoint with the real T5 vocabulary,
+    saved by transformers, plus spiece.model: what a hub folder looks like."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                  num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+                  decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config.update(overrides)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(spiece, folder / "spiece.model")
+    return folder
+
+
+def make_tiny_llama(folder: Path, tokenizer_model: Path, vocab_size: int, **overrides) -> Path:
+    """A random LLaMA-shaped checkpoint (GQA) with a real sentencepiece tokenizer.model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    config.update(overrides)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(tokenizer_model, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory, assets) -> Path:
+    return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), assets / "t5_tokenizer" / "spiece.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, assets) -> Path:
+    """Random weights over the stories260K 512-token vocabulary (small and real)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"),
+                           assets / "stories260K" / "tok512.model", vocab_size=512)

@@ -1,0 +1,68 @@
+"""The foundation's contracts: runtime dependencies, the Makefile's interface, the user's layout."""
+import ast
+import re
+import subprocess
+
+from conftest import REPO
+
+RUNTIME_SCRIPTS = ["tinyllm.py", "t5.py", "llama.py", "data.py", "prompts.py", "train.py", "eval.py"]
+RUNTIME_PACKAGES = {"torch", "sentencepiece", "safetensors", "numpy", "requests"}
+# Imported lazily, only on the paths that need them: jinja2 ships with torch (chat templates);
+# tokenizers is the optional extra for tokenizer.json models (Llama-3, Qwen2, SmolLM2).
+LAZY_PACKAGES = {"jinja2", "tokenizers"}
+MAKE_VARIABLES = ["DATASET", "TEACHERS", "STUDENT", "ALPHA", "METHOD", "DEVICE", "LIMIT", "DATA", "CACHE", "OUT"]
+
+
+def test_requirements_are_the_users_runtime_list():
+    names = set()
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower())
+    assert names == RUNTIME_PACKAGES, names
+
+
+def test_runtime_scripts_import_only_runtime_packages_at_top_level():
+    local = {name[:-3] for name in RUNTIME_SCRIPTS}
+    stdlib = set(__import__("sys").stdlib_module_names)
+    for script in RUNTIME_SCRIPTS:
+        tree = ast.parse((REPO / script).read_text(), filename=script)
+        for node in tree.body:  # top level only: lazy imports inside functions are allowed below
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in stdlib | local | RUNTIME_PACKAGES | {"__future__"}, f"{script} imports {root}"
+        for node in ast.walk(tree):  # anywhere: never transformers, the test-only reference
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for mod in mods:
+                    root = mod.split(".")[0]
+                    assert root in stdlib | local | RUNTIME_PACKAGES | LAZY_PACKAGES | {"__future__", ""}, \
+                        f"{script} imports {mod}"
+
+
+def test_make_help_lists_targets_and_variables_with_defaults():
+    out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for target in ["setup", "test", "clean", "rationales", "train", "eval", "table", "bench", "all"]:
+        assert re.search(rf"^\s+{target}\s", out, re.M), f"make help does not list target {target}"
+    for var in MAKE_VARIABLES:
+        assert re.search(rf"\b{var}=", out), f"make help does not list variable {var}"
+    assert "DATASET=obqa" in out and "STUDENT=google/flan-t5-small" in out and "LIMIT=0" in out
+
+
+def test_makefile_never_installs_a_bare_cuda_torch_without_a_gpu():
+    dry = subprocess.run(["make", "-n", "-B", ".stamps/torch"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    cpu_branch = dry.split("else", 1)[1]
+    assert "+cpu" in cpu_branch and "nvidia-smi" in dry
+
+
+def test_readme_starts_with_the_main_job_and_the_tests():
+    lines = [l.strip() for l in (REPO / "README.md").read_text().splitlines()]
+    commands = [l for l in lines if l.startswith("make ")][:2]
+    assert commands[0].startswith("make all"), commands
+    assert commands[1].startswith("make test"), commands
