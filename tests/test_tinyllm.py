@@ -1,0 +1,441 @@
+"""tinyllm.py: the rationale cache, the teachers (local, server, release) and hub downloads.
+
+Offline: datasets come from the release folder in the assets (served over loopback HTTP where the
+download path matters); servers and the hub are loopback stubs built from `serve_folder`.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import data
+import tinyllm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def release(assets) -> Path:
+    return assets / "tinyllm_release"
+
+
+@pytest.fixture(scope="session")
+def obqa_data(tmp_path_factory, release) -> Path:
+    """OBQA (splits + the release's rationales) fetched once into a data folder shared by the tests."""
+    folder = tmp_path_factory.mktemp("data")
+    data.download("obqa", folder, base_url=str(release), rationales=True)
+    return folder
+
+
+def run(*flags: str) -> None:
+    tinyllm.main(["rationales", *flags])
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- flags --------------------------------------------------------------------------------------
+
+def test_flags_are_type_checked():
+    cfg = tinyllm.parse_flags(tinyllm.RationalesConfig, ["--k=0", "--teacher_forcing=0", "--timeout=2.5", "--limit="])
+    assert (cfg.k, cfg.teacher_forcing, cfg.timeout, cfg.limit) == (0, False, 2.5, 0)
+    with pytest.raises(SystemExit, match="unknown flag --colour"):
+        tinyllm.parse_flags(tinyllm.RationalesConfig, ["--colour=red"])
+    with pytest.raises(SystemExit, match="--k=two: expected int"):
+        tinyllm.parse_flags(tinyllm.RationalesConfig, ["--k=two"])
+    with pytest.raises(SystemExit, match="--teacher_forcing=maybe: expected bool"):
+        tinyllm.parse_flags(tinyllm.RationalesConfig, ["--teacher_forcing=maybe"])
+    with pytest.raises(SystemExit, match="not name=source"):
+        tinyllm.parse_teachers("flan-t5-xl")
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+
+def record(id_: str, rationale: str, when: float, split: str = "train", error: str | None = None) -> dict:
+    return dict(split=split, id=id_, teacher="t", source="s", prompt_sha256="h", rationale=rationale, raw=rationale,
+                settings={}, stated_answer=None, degenerate=False, error=error, time=when)
+
+
+def test_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
+    path = tinyllm.cache_file(tmp_path, "obqa", "t")
+    writer = tinyllm.CacheWriter(path)
+    writer.write([record("a", "one", 1.0), record("b", "two", 2.0)])
+    writer.close()
+    with open(path, "ab") as f:  # a crash in the middle of a write
+        f.write(b'{"split": "train", "id": "c", "rati')
+    assert set(tinyllm.load_rationales(tmp_path, "obqa", "t")) == {"a", "b"}
+    writer = tinyllm.CacheWriter(path)
+    writer.write([record("c", "three", 3.0)])
+    writer.close()
+    assert [r["id"] for r in lines(path)] == ["a", "b", "c"]
+
+    path.write_text(path.read_text().replace('"id": "b"', '"id": b'))  # damage that is not a crash
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not a JSON record"):
+        tinyllm.load_rationales(tmp_path, "obqa", "t")
+
+
+def test_newer_record_wins_errors_are_not_rationales_and_compaction(tmp_path):
+    writer = tinyllm.CacheWriter(tinyllm.cache_file(tmp_path, "obqa", "t"))
+    writer.write([record("a", "old", 1.0), record("b", "", 1.0, error="ValueError: no text"),
+                  record("a", "x", 1.0, split="valid")])
+    writer.close()
+    shard = tinyllm.CacheWriter(tinyllm.cache_file(tmp_path, "obqa", "t", rank=1))
+    shard.write([record("a", "new", 2.0)])
+    shard.close()
+    assert {k: r["rationale"] for k, r in tinyllm.load_rationales(tmp_path, "obqa", "t").items()} == {"a": "new"}
+    assert set(tinyllm.load_rationales(tmp_path, "obqa", "t", split="valid")) == {"a"}
+    tinyllm.compact_cache(tmp_path, "obqa", "t")
+    assert tinyllm.cache_files(tmp_path, "obqa", "t") == [tinyllm.cache_file(tmp_path, "obqa", "t")]
+    assert [(r["split"], r["id"], r["rationale"]) for r in lines(tinyllm.cache_file(tmp_path, "obqa", "t"))] == [
+        ("train", "a", "new"), ("train", "b", ""), ("valid", "a", "x")]
+
+
+# ---- a teacher kind added the way the README shows: one class, one method, one registry line ----
+
+class EchoTeacher:
+    """States the gold answer (it sees it: teacher forcing) and counts what it is asked."""
+    asked: list[str] = []
+
+    def __init__(self, spec: str, cfg, device: str):
+        self.batch_size = 3
+
+    def generate(self, jobs: list[tinyllm.Job]) -> list[str]:
+        EchoTeacher.asked += [job.example.id for job in jobs]
+        return [f"{job.prompt.count('Answer')} answers seen. So the answer is "
+                f"({'abcdefgh'[job.example.answer]}) {job.example.options[job.example.answer]}." for job in jobs]
+
+
+@pytest.fixture
+def echo(monkeypatch):
+    monkeypatch.setitem(tinyllm.TEACHER_KINDS, "echo", EchoTeacher)
+    EchoTeacher.asked = []
+    return EchoTeacher
+
+
+def test_changing_the_prompt_regenerates_changing_nothing_does_not(tmp_path, obqa_data, echo, capsys):
+    flags = ["--dataset=obqa", "--teachers=e=echo:", f"--data={obqa_data}", f"--cache={tmp_path}", "--limit=10"]
+    run(*flags)
+    assert len(echo.asked) == 10
+    path = tinyllm.cache_file(tmp_path, "obqa", "e")
+    first = lines(path)
+    assert len(first) == 10 and all(r["teacher"] == "e" and r["source"] == "echo:" for r in first)
+    assert all(r["settings"]["k"] == 2 and r["settings"]["teacher_forcing"] is True for r in first)
+    assert "stated answer = gold 10/10 (100.0%)" in capsys.readouterr().out
+
+    echo.asked = []
+    run(*flags)
+    assert echo.asked == [] and lines(path) == first  # nothing changed: nothing made, file untouched
+
+    run(*flags, "--limit=12")  # two more examples; the first ten keep their prompts
+    assert len(echo.asked) == 2
+
+    for change in ("--k=0", "--teacher_forcing=0", "--seed=1"):
+        echo.asked = []
+        run(*flags, change)
+        assert len(echo.asked) == 10, change
+    records = lines(path)
+    assert len(records) == 12 and len({r["id"] for r in records}) == 12  # compacted: one per example
+    by_id = {r["id"]: r for r in records}
+    assert by_id[first[0]["id"]]["settings"]["seed"] == 1
+    assert by_id[first[0]["id"]]["prompt_sha256"] != first[0]["prompt_sha256"]
+
+
+def test_valid_split_and_rank_shards(tmp_path, obqa_data, echo, monkeypatch):
+    flags = ["--dataset=obqa", "--teachers=e=echo:", f"--data={obqa_data}", f"--cache={tmp_path}", "--limit=5",
+             "--splits=train,valid"]
+    for rank in (0, 1):  # torchrun's env without a process group: each rank its own shard
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        run(*flags)
+    shards = tinyllm.cache_files(tmp_path, "obqa", "e")
+    assert [p.name for p in shards] == ["e.rank0.jsonl", "e.rank1.jsonl"]
+    assert sorted(len(lines(p)) for p in shards) == [5, 5] and len(echo.asked) == 10
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    echo.asked = []
+    run(*flags)  # one process: nothing to make, the shards merged into one file
+    assert echo.asked == []
+    assert tinyllm.cache_files(tmp_path, "obqa", "e") == [tinyllm.cache_file(tmp_path, "obqa", "e")]
+    assert len(tinyllm.load_rationales(tmp_path, "obqa", "e", split="valid")) == 5
+    with pytest.raises(SystemExit, match="--splits=test"):
+        run(*flags, "--splits=test")
+
+
+# ---- the paper's release ------------------------------------------------------------------------
+
+def test_release_obqa_train_both_paper_teachers(tmp_path, release, serve_folder, monkeypatch, capsys):
+    server = serve_folder(release)
+    monkeypatch.setenv("TINYLLM_DATA_URL", server.url)  # data.py downloads from here
+    start = time.perf_counter()
+    run("--dataset=obqa", f"--data={tmp_path / 'data'}", f"--cache={tmp_path / 'cache'}", "--limit=0")
+    seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    print(f"release import, OBQA train, both teachers, download included: {seconds:.1f} s")
+    for teacher in ("flan-t5-xl", "llama-2"):
+        rationales = tinyllm.load_rationales(tmp_path / "cache", "obqa", teacher)
+        assert len(rationales) == 4957, teacher
+        assert len(lines(tinyllm.cache_file(tmp_path / "cache", "obqa", teacher))) == 4957
+        assert f"{teacher} train: 4957/4957 rationales" in out
+    first = tinyllm.load_rationales(tmp_path / "cache", "obqa", "llama-2")["7-980"]
+    assert first["rationale"].startswith("If the sun is not there, the plants will not sprout")
+    assert first["source"] == "release:llama-2" and first["error"] is None
+    assert tinyllm.load_rationales(tmp_path / "cache", "obqa", "flan-t5-xl")["7-980"]["rationale"] == \
+        "Sun is responsible for plants sprouting, blooming and wilting."
+
+
+def test_release_piqa_has_no_llama2_rationales(tmp_path, release, monkeypatch, capsys):
+    monkeypatch.setenv("TINYLLM_DATA_URL", str(release))
+    with pytest.raises(SystemExit, match="llama-2: no rationale for any piqa train example"):
+        run("--dataset=piqa", f"--data={tmp_path / 'data'}", f"--cache={tmp_path / 'cache'}", "--limit=8")
+    assert "the paper's release has no llama-2 rationale" in capsys.readouterr().out
+    assert len(tinyllm.load_rationales(tmp_path / "cache", "piqa", "flan-t5-xl")) == 8
+    assert tinyllm.load_rationales(tmp_path / "cache", "piqa", "llama-2") == {}
+
+
+# ---- server teachers against a loopback stub -----------------------------------------------------
+
+def reply(handler, status: int, body: bytes | dict, delay: float = 0.0) -> None:
+    if delay:
+        time.sleep(delay)
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(content)))
+        handler.end_headers()
+        handler.wfile.write(content)
+    except OSError:  # the client gave up (timeout) while we slept
+        pass
+
+
+def openai_stub(server, path: str, answer):
+    """Hook `path`: answer(question, attempt, body) -> (status, body, delay); attempts counted per question."""
+    examples = data.load_split("obqa", "train", server.data_dir, limit=server.limit)
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def handle(handler):
+        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+        question = next(e.question for e in examples if e.question in prompt)
+        with lock:
+            attempts[question] = attempts.get(question, 0) + 1
+        reply(handler, *answer(examples.index(next(e for e in examples if e.question == question)),
+                               attempts[question], body))
+
+    server.hooks[path] = handle
+    return examples, attempts
+
+
+def chat(text, tokens: int = 7) -> dict:
+    return {"choices": [{"message": {"role": "assistant", "content": text}}], "usage": {"completion_tokens": tokens}}
+
+
+def test_server_teacher_retries_records_errors_and_reruns_only_those(tmp_path, obqa_data, serve_folder):
+    server = serve_folder(tmp_path)
+    server.data_dir, server.limit = obqa_data, 6
+
+    def answer(index: int, attempt: int, body: dict):
+        assert body["model"] == "stub/model-7B" and body["max_tokens"] == 16 and body["temperature"] == 0.0
+        if index == 1 and attempt == 1:
+            return 500, {"error": "overloaded"}, 0.0
+        if index == 2 and attempt <= 2:
+            return 429, {"error": "slow down"}, 0.0
+        if index == 3 and attempt == 1:
+            return 200, chat("too late"), 1.5  # hangs past the client's timeout
+        if index == 4 and attempt == 1:
+            return 200, b'{"choices": [', 0.0  # malformed JSON
+        if index == 5 and attempt == 1:
+            return 200, chat("   "), 0.0  # no text
+        return 200, chat(f"Rationale {index}. So the answer is ({'abcd'[examples[index].answer]})."), 0.0
+
+    examples, attempts = openai_stub(server, "/v1/chat/completions", answer)
+    flags = ["--dataset=obqa", f"--teachers=srv=openai:{server.url}/v1#stub/model-7B", f"--data={obqa_data}",
+             f"--cache={tmp_path / 'cache'}", "--limit=6", "--k=0", "--max_new_tokens=16", "--timeout=0.5",
+             "--retries=3", "--backoff=0.01", "--concurrency=3"]
+    run(*flags)
+    cached = tinyllm.read_cache(tmp_path / "cache", "obqa", "srv")
+    by_index = [cached[("train", e.id)] for e in examples]
+    assert [r["rationale"] for r in by_index[:4]] == [f"Rationale {i}. So the answer is ({'abcd'[examples[i].answer]})."
+                                                      for i in range(4)]
+    assert [r["stated_answer"] == examples[i].answer for i, r in enumerate(by_index[:4])] == [True] * 4
+    assert "malformed response" in by_index[4]["error"] and "no text" in by_index[5]["error"]
+    assert [attempts[e.question] for e in examples] == [1, 2, 3, 2, 1, 1]
+    assert set(tinyllm.load_rationales(tmp_path / "cache", "obqa", "srv")) == {e.id for e in examples[:4]}
+
+    run(*flags)  # only the two errors are asked again; now they succeed
+    assert [attempts[e.question] for e in examples] == [1, 2, 3, 2, 2, 2]
+    assert len(tinyllm.load_rationales(tmp_path / "cache", "obqa", "srv")) == 6
+    assert len(lines(tinyllm.cache_file(tmp_path / "cache", "obqa", "srv"))) == 6
+
+
+def test_server_that_stays_down_ends_the_run_and_keeps_what_is_done(tmp_path, obqa_data, serve_folder):
+    server = serve_folder(tmp_path)
+    server.data_dir, server.limit = obqa_data, 10
+    state = {"up": 5}  # answers the first five requests, then 503 until it is told otherwise
+    lock = threading.Lock()
+
+    def answer(index: int, attempt: int, body: dict):
+        assert "prompt" in body and "messages" not in body  # openai-completions: the prompt as is
+        with lock:
+            state["up"] -= 1
+            if state["up"] < 0:
+                return 503, {"error": "down"}, 0.0
+        return 200, {"choices": [{"text": f"Because {index}."}]}, 0.0
+
+    examples, attempts = openai_stub(server, "/v1/completions", answer)
+    flags = ["--dataset=obqa", f"--teachers=srv=openai-completions:{server.url}#base", f"--data={obqa_data}",
+             f"--cache={tmp_path / 'cache'}", "--limit=10", "--concurrency=1", "--batch_size=1", "--retries=2",
+             "--backoff=0.01"]
+    with pytest.raises(SystemExit, match=r"srv: http://127\.0\.0\.1:\d+/v1/completions still failing after 3 "
+                                         r"attempts: HTTP 503.*kept in the cache, rerun to continue"):
+        run(*flags)
+    assert len(tinyllm.load_rationales(tmp_path / "cache", "obqa", "srv")) == 5
+    assert sum(attempts.values()) == 5 + 3  # the queued requests were not sent once it gave up
+
+    state["up"] = 100
+    run(*flags)
+    assert len(tinyllm.load_rationales(tmp_path / "cache", "obqa", "srv")) == 10
+    assert len(lines(tinyllm.cache_file(tmp_path / "cache", "obqa", "srv"))) == 10
+
+
+def test_server_not_running_is_a_clear_error(tmp_path, obqa_data):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit, match=rf"srv: http://127\.0\.0\.1:{port}/v1/chat/completions still failing "
+                                         r"after 2 attempts: ConnectionError"):
+        run("--dataset=obqa", f"--teachers=srv=openai:http://127.0.0.1:{port}#m", f"--data={obqa_data}",
+            f"--cache={tmp_path}", "--limit=3", "--retries=1", "--backoff=0.01")
+    with pytest.raises(SystemExit, match="expected BASE_URL#MODEL"):
+        run("--dataset=obqa", "--teachers=srv=openai:localhost:8000", f"--data={obqa_data}", f"--cache={tmp_path}",
+            "--limit=3")
+
+
+# ---- hub downloads against a loopback server shaped like /{repo}/resolve/{revision}/{file} -------
+
+@pytest.fixture
+def hub(tmp_path, serve_folder, monkeypatch):
+    """A fake hub folder and server; every GET's (path, Authorization, Range) is recorded."""
+    root = tmp_path / "hub_root"
+    server = serve_folder(root)
+    server.seen = []
+    server.root_path = root
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("TINYLLM_HOME", str(tmp_path / "home"))
+
+    def add(repo: str, revision: str, files: dict[str, bytes]) -> None:
+        for name, content in files.items():
+            path = root / repo / "resolve" / revision / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        for name in (*files, tinyllm.HUB_CONFIG, *tinyllm.HUB_OPTIONAL, "model.safetensors",
+                     "model.safetensors.index.json"):
+            url_path = f"/{repo}/resolve/{revision}/{name}"
+            server.hooks.setdefault(url_path, record_and_serve)
+
+    def record_and_serve(handler):
+        server.seen.append((handler.path, handler.headers.get("Authorization"), handler.headers.get("Range")))
+        return http.server.SimpleHTTPRequestHandler.do_GET(handler)
+
+    server.add = add
+    return server
+
+
+WEIGHTS = os.urandom(300_000)
+BASE_FILES = {"config.json": b'{"model_type": "t5"}', "spiece.model": b"sentencepiece bytes"}
+
+
+def test_hub_single_file_with_token(hub, tmp_path):
+    hub.add("org/tiny", "main", {**BASE_FILES, "model.safetensors": WEIGHTS})
+    folder = tinyllm.resolve_model("org/tiny")
+    assert folder == tmp_path / "home" / "hub" / "org--tiny" / "main"
+    assert (folder / "model.safetensors").read_bytes() == WEIGHTS
+    assert (folder / "config.json").read_bytes() == BASE_FILES["config.json"]
+    assert not list(folder.glob("*.part")) and not (folder / "tokenizer.model").exists()
+    assert {auth for _, auth, _ in hub.seen} == {"Bearer hf_secret"}
+    asked = len(hub.seen)
+    assert tinyllm.resolve_model("org/tiny") == folder and len(hub.seen) == asked  # offline afterwards
+    assert tinyllm.resolve_model(str(folder)) == folder  # a folder is used as is
+
+
+def test_hub_sharded_pinned_revision(hub, tmp_path):
+    shards = {"model-00001-of-00002.safetensors": WEIGHTS[:1000], "model-00002-of-00002.safetensors": WEIGHTS[1000:]}
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                            "b.weight": "model-00002-of-00002.safetensors"}}
+    hub.add("org/big", "0123abc", {**BASE_FILES, "model.safetensors.index.json": json.dumps(index).encode(), **shards})
+    hub.add("org/big", "main", {"config.json": b'{"model_type": "llama"}'})  # another revision, not asked for
+    folder = tinyllm.resolve_model("org/big@0123abc")
+    assert folder.name == "0123abc" and json.loads((folder / "config.json").read_text())["model_type"] == "t5"
+    for name, content in shards.items():
+        assert (folder / name).read_bytes() == content
+    assert not any(path.endswith("/model.safetensors") for path, _, _ in hub.seen)
+
+
+def test_hub_resumes_an_interrupted_download_and_checks_sha256(hub, tmp_path):
+    hub.add("org/tiny", "main", BASE_FILES)
+    half = len(WEIGHTS) // 2
+    sha = hashlib.sha256(WEIGHTS).hexdigest()
+
+    def flaky(handler):  # the first answer breaks off halfway; the next honours Range
+        byte_range = handler.headers.get("Range")
+        hub.seen.append((handler.path, handler.headers.get("Authorization"), byte_range))
+        start = int(byte_range.removeprefix("bytes=").rstrip("-")) if byte_range else 0
+        handler.send_response(206 if byte_range else 200)
+        handler.send_header("Content-Length", str(len(WEIGHTS) - start))
+        handler.send_header("X-Linked-Etag", f'"{sha}"')
+        if byte_range:
+            handler.send_header("Content-Range", f"bytes {start}-{len(WEIGHTS) - 1}/{len(WEIGHTS)}")
+        handler.end_headers()
+        handler.wfile.write(WEIGHTS[start:] if byte_range else WEIGHTS[:half])
+        handler.close_connection = True
+
+    hub.hooks["/org/tiny/resolve/main/model.safetensors"] = flaky
+    folder = tinyllm.resolve_model("org/tiny")
+    assert (folder / "model.safetensors").read_bytes() == WEIGHTS
+    asked = [rng for path, _, rng in hub.seen if path.endswith("/model.safetensors")]
+    assert len(asked) == 2 and asked[0] is None  # the second asks for what the first did not bring
+    assert 0 < int(asked[1].removeprefix("bytes=").rstrip("-")) <= half
+
+    hub.add("org/bad", "main", BASE_FILES)
+    hub.hooks["/org/bad/resolve/main/model.safetensors"] = lambda h: reply_bytes(h, WEIGHTS, etag="0" * 64)
+    with pytest.raises(ValueError, match="org/bad@main: model.safetensors does not match the sha256"):
+        tinyllm.resolve_model("org/bad")
+
+
+def reply_bytes(handler, content: bytes, etag: str) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(content)))
+    handler.send_header("ETag", f'"{etag}"')
+    handler.end_headers()
+    handler.wfile.write(content)
+
+
+def test_hub_missing_files_and_denied_access_are_clear_errors(hub):
+    hub.add("org/noconfig", "main", {"spiece.model": b"x", "model.safetensors": WEIGHTS})
+    with pytest.raises(ValueError, match=r"org/noconfig@main: config.json not found \(404 from http://127"):
+        tinyllm.resolve_model("org/noconfig")
+    hub.add("org/noweights", "main", BASE_FILES)
+    with pytest.raises(ValueError, match="org/noweights@main: neither model.safetensors nor model.safetensors.index"):
+        tinyllm.resolve_model("org/noweights")
+    hub.add("org/notokenizer", "main", {"config.json": b"{}", "model.safetensors": WEIGHTS})
+    with pytest.raises(ValueError, match="org/notokenizer@main: no tokenizer file"):
+        tinyllm.resolve_model("org/notokenizer")
+    hub.hooks["/org/gated/resolve/main/config.json"] = lambda h: h.send_error(401)
+    with pytest.raises(ValueError, match="org/gated@main: access denied .401.*HF_TOKEN"):
+        tinyllm.resolve_model("org/gated")
+    with pytest.raises(ValueError, match="not a folder, and not a hub id"):
+        tinyllm.resolve_model("no/such/folder")

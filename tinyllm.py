@@ -1,0 +1,819 @@
+"""TinyLLM pipeline entry point: teacher rationales into a file cache (paper §3.2, Eq. 1).
+
+    python tinyllm.py rationales --dataset=obqa --teachers="flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"
+
+Every teacher m writes one rationale per training example i, seeing the question, the options, the
+gold answer and in-context examples: R_i^m = T^m(Q_i, O_i, A_i, P_i) (Eq. 1, teacher-forcing CoT).
+Rationales are made once and cached, one JSON-lines file per (dataset, teacher); train.py reads them
+with `load_rationales`. Teacher sources (`--teachers="name=source ..."`):
+
+    release:flan-t5-xl | release:llama-2    the paper's published rationales (nothing is generated)
+    org/name[@revision] | /a/local/folder   a model run here with t5.py / llama.py (config.json model_type)
+    openai:BASE_URL#MODEL                   an OpenAI-compatible server, /v1/chat/completions (chat models)
+    openai-completions:BASE_URL#MODEL       the same, /v1/completions: the prompt as is (base models)
+
+A new kind of teacher is one small class with one method, `generate(jobs) -> list[str | Exception]`,
+and one line in TEACHER_KINDS.
+
+References: TinyLLM (Tian et al., arXiv 2402.04616); the Hugging Face hub's file layout
+`/{repo}/resolve/{revision}/{file}`; the OpenAI HTTP API (`/v1/completions`, `/v1/chat/completions`).
+"""
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+import time
+import typing
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import torch
+from torch import nn
+
+import data
+import prompts
+
+
+# ---- files: atomic writes ---------------------------------------------------------------------
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, content: bytes) -> None:
+    """Temp file in the same folder + fsync + os.replace: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ---- models: hub download and loading ---------------------------------------------------------
+
+HUB_ID = re.compile(r"^([\w.-]+)/([\w.-]+)(?:@([\w.-]+))?$")
+HUB_CONFIG = "config.json"
+HUB_OPTIONAL = ("generation_config.json", "spiece.model", "tokenizer.model", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json")
+DOWNLOAD_ATTEMPTS = 4
+
+
+def tinyllm_home() -> Path:
+    return Path(os.environ.get("TINYLLM_HOME") or Path.home() / ".cache" / "tinyllm")
+
+
+def resolve_model(source: str) -> Path:
+    """A local folder as is; a hub id `org/name[@revision]` (revision default `main`) is downloaded
+    once, with requests, from HF_ENDPOINT (default https://huggingface.co) with HF_TOKEN, into
+    $TINYLLM_HOME/hub/<org>--<name>/<revision>/ and read from there afterwards, offline."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    match = HUB_ID.match(source)
+    if match is None:
+        raise ValueError(f"model {source!r}: not a folder, and not a hub id org/name[@revision]")
+    org, name, revision = match.group(1), match.group(2), match.group(3) or "main"
+    folder = tinyllm_home() / "hub" / f"{org}--{name}" / revision
+    if (folder / ".complete").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks asking for the same model: one downloads
+        if not (folder / ".complete").exists():
+            download_snapshot(f"{org}/{name}", revision, folder)
+    return folder
+
+
+def download_snapshot(repo: str, revision: str, folder: Path) -> None:
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    session = requests.Session()
+    if os.environ.get("HF_TOKEN"):
+        # requests drops this header on a redirect to another host (the hub's CDN), as it should
+        session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    what = f"{repo}@{revision}"
+
+    def fetch(filename: str, required: bool) -> bool:
+        url = f"{endpoint}/{repo}/resolve/{revision}/{filename}"
+        return download_file(session, url, folder / filename, required, what)
+
+    fetch(HUB_CONFIG, required=True)
+    for filename in HUB_OPTIONAL:
+        fetch(filename, required=False)
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(f"{what}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)}) on {endpoint}")
+    if fetch("model.safetensors.index.json", required=False):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+        if not shards or bad:
+            raise ValueError(f"{what}: model.safetensors.index.json has a bad weight_map (shards {bad or shards})")
+        for shard in shards:
+            fetch(shard, required=True)
+    elif not fetch("model.safetensors", required=False):
+        raise ValueError(f"{what}: neither model.safetensors nor model.safetensors.index.json on "
+                         f"{endpoint} (only safetensors checkpoints are read)")
+    atomic_write(folder / ".complete", json.dumps({"repo": repo, "revision": revision,
+                                                   "endpoint": endpoint}).encode())
+
+
+def expected_sha256(headers: typing.Mapping[str, str]) -> str | None:
+    """The hub sends the sha256 of large (LFS) files as X-Linked-Etag / ETag."""
+    for key in ("X-Linked-Etag", "ETag"):
+        value = headers.get(key, "").removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    return None
+
+
+def download_file(session: requests.Session, url: str, dest: Path, required: bool, what: str) -> bool:
+    """Stream `url` into `dest` through `dest.part`, resuming a partial `.part` with a Range request;
+    os.replace makes the file appear only when complete. False for a 404 on an optional file."""
+    if dest.exists():  # an interrupted snapshot: files that exist are complete
+        return True
+    part = dest.with_name(dest.name + ".part")
+    problem = ""
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+        have = part.stat().st_size if part.exists() else 0
+        try:
+            with session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                             timeout=60) as response:
+                status = response.status_code
+                if status == 404 and not required:
+                    return False
+                if status == 404:
+                    raise ValueError(f"{what}: {dest.name} not found (404 from {url})")
+                if status in (401, 403):
+                    raise ValueError(f"{what}: access denied ({status} from {url}); gated or private "
+                                     "models need HF_TOKEN set to a token with access")
+                if status == 416:  # our partial file is not a prefix of theirs: start over
+                    part.unlink()
+                    problem = f"416 from {url}"
+                    continue
+                if status not in (200, 206):
+                    problem = f"HTTP {status} from {url}"
+                    continue
+                resumed = status == 206
+                if resumed:
+                    start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+                    if start is None or int(start.group(1)) != have:
+                        part.unlink()
+                        problem = f"bad Content-Range {response.headers.get('Content-Range')!r} from {url}"
+                        continue
+                length = response.headers.get("Content-Length")
+                expected = (have if resumed else 0) + int(length) if length else None
+                with open(part, "ab" if resumed else "wb") as f:
+                    # small chunks: a connection that breaks loses at most one, the rest is resumed
+                    for chunk in response.iter_content(chunk_size=1 << 16):
+                        f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                sha256 = expected_sha256(response.headers)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            problem = f"{type(e).__name__}: {e}"
+            continue
+        size = part.stat().st_size
+        if expected is not None and size != expected:
+            problem = f"{url} ended after {size} of {expected} bytes"
+            continue  # the next attempt resumes from here
+        if sha256 is not None and file_sha256(part) != sha256:
+            part.unlink()
+            raise ValueError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
+        os.replace(part, dest)
+        fsync_dir(dest.parent)
+        return True
+    raise ValueError(f"{what}: download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {problem}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+MODEL_KINDS = {"t5": "t5", "llama": "llama"}  # config.json model_type -> our model file
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32,
+               device: str = "cpu") -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, kind) for a hub id or folder; kind ("t5" or "llama") from config.json's
+    model_type, never from the name."""
+    folder = resolve_model(source)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"model {source!r}: {config_path} not found")
+    model_type = json.loads(config_path.read_text()).get("model_type")
+    if model_type not in MODEL_KINDS:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(MODEL_KINDS)})")
+    kind = MODEL_KINDS[model_type]
+    if kind == "t5":
+        import t5
+        return t5.T5.from_pretrained(folder, dtype=dtype, device=device), t5.Tokenizer.from_pretrained(folder), kind
+    import llama
+    return llama.Llama.from_pretrained(folder, dtype=dtype, device=device), llama.Tokenizer.from_pretrained(folder), kind
+
+
+# ---- the rationale cache ----------------------------------------------------------------------
+# One append-only JSON-lines file per (dataset, teacher): {cache}/{dataset}/{teacher}.jsonl, and under
+# torchrun one shard per rank, {teacher}.rank{r}.jsonl, merged on read. A record per (split, id);
+# when one is made again (its prompt changed, or it failed before) the newer record ("time") wins on
+# read, and a single-process run ends by compacting the files into one, one record per example.
+
+def cache_file(cache_dir: str | Path, dataset: str, teacher: str, rank: int | None = None) -> Path:
+    name = f"{teacher}.jsonl" if rank is None else f"{teacher}.rank{rank}.jsonl"
+    return Path(cache_dir) / dataset / name
+
+
+def cache_files(cache_dir: str | Path, dataset: str, teacher: str) -> list[Path]:
+    main = cache_file(cache_dir, dataset, teacher)
+    shards = sorted(main.parent.glob(f"{teacher}.rank*.jsonl"),
+                    key=lambda p: int(re.search(r"\.rank(\d+)\.jsonl$", p.name).group(1)))
+    return ([main] if main.exists() else []) + shards
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records of one cache file and the byte length of its good part. A torn last line (a
+    crash in the middle of a write) is dropped; a bad line before the last one is an error."""
+    content = path.read_bytes()
+    lines = content.splitlines(keepends=True)
+    records, good = [], 0
+    for number, line in enumerate(lines, 1):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no newline")
+            records.append(json.loads(line))
+        except ValueError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({e}); the cache file is damaged") from None
+        good += len(line)
+    return records, good
+
+
+def read_cache(cache_dir: str | Path, dataset: str, teacher: str) -> dict[tuple[str, str], dict]:
+    """(split, id) -> the newest record, errors included, over the main file and its rank shards."""
+    newest: dict[tuple[str, str], dict] = {}
+    for path in cache_files(cache_dir, dataset, teacher):
+        for record in read_jsonl(path)[0]:
+            key = (record["split"], record["id"])
+            if key not in newest or record["time"] >= newest[key]["time"]:
+                newest[key] = record
+    return newest
+
+
+def load_rationales(cache_dir: str | Path, dataset: str, teacher: str, split: str = "train") -> dict[str, dict]:
+    """Example id -> record of one teacher's rationales for one split. Records whose generation
+    failed (`error` set) are left out: they hold no rationale."""
+    return {id_: record for (record_split, id_), record in read_cache(cache_dir, dataset, teacher).items()
+            if record_split == split and record["error"] is None}
+
+
+class CacheWriter:
+    """Appends records to one cache file: one write + flush + fsync per batch, so a crash loses at
+    most the batch in flight (and a torn line that readers drop)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            _, good = read_jsonl(path)
+            if good < path.stat().st_size:  # cut a torn last line, or the next record would join it
+                with open(path, "r+b") as f:
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+        self.path = path
+        self.file = open(path, "ab", buffering=0)
+
+    def write(self, records: list[dict]) -> None:
+        content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        view = memoryview(content)
+        while view:
+            view = view[self.file.write(view):]
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def compact_cache(cache_dir: str | Path, dataset: str, teacher: str) -> None:
+    """Rewrite the main file with the newest record per example and remove the rank shards, when
+    there is anything to drop (superseded records, a torn line, shards). Atomic."""
+    paths = cache_files(cache_dir, dataset, teacher)
+    newest = read_cache(cache_dir, dataset, teacher)
+    main = cache_file(cache_dir, dataset, teacher)
+    if paths == [main] and main.stat().st_size == sum(
+            len(json.dumps(r, ensure_ascii=False)) + 1 for r in newest.values()):
+        return
+    atomic_write(main, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in newest.values()).encode())
+    for path in paths:
+        if path != main:
+            path.unlink()
+
+
+# ---- teachers ---------------------------------------------------------------------------------
+# A teacher is built as Kind(spec, cfg, device) and has one method: generate(jobs) -> one item per
+# job, the raw text, or an Exception that is recorded as that example's error (a rerun tries it
+# again). A TeacherUnavailable item is not recorded: the batch is saved and that teacher's run ends
+# with its message. Optional attributes: `batch_size` (jobs per call, default --batch_size),
+# `prompted = False` for teachers that take no prompt, `tokens` (generated so far, for the progress).
+
+@dataclass(frozen=True)
+class Job:
+    """One rationale to make: R_i^m for example i of a split (Eq. 1)."""
+    split: str
+    example: data.Example
+    prompt: str
+
+
+class TeacherUnavailable(Exception):
+    """The teacher cannot go on (a server that stays down, a wrong URL); everything done is kept."""
+
+
+class LocalTeacher:
+    """A model run here with t5.py / llama.py: a hub id or a local folder. Greedy by default; bf16
+    on CUDA; instruction-tuned decoder-only models (their tokenizer has a chat template) get the
+    prompt as a user message in it."""
+    prompted = True
+
+    def __init__(self, source: str, cfg: "RationalesConfig", device: str):
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        self.model, self.tokenizer, self.kind = load_model(source, dtype=dtype, device=device)
+        self.model.eval()
+        self.device, self.cfg = device, cfg
+        self.chat = self.kind == "llama" and self.tokenizer.chat_template is not None
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.generator = torch.Generator(device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+        self.tokens = 0  # generated tokens, for the progress line
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.kind == "t5":
+            return self.tokenizer.encode(prompt)
+        if self.chat:  # the rendered template holds its own BOS text, as transformers tokenizes it
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(text, bos=False)
+        return self.tokenizer.encode(prompt, bos=True)
+
+    @torch.inference_mode()
+    def generate(self, jobs: list[Job]) -> list[str | Exception]:
+        cfg, tok = self.cfg, self.tokenizer
+        encoded = [self.encode(job.prompt) for job in jobs]
+        results: list[str | Exception] = [""] * len(jobs)
+        rows = []
+        for i, ids in enumerate(encoded):
+            if self.max_positions is not None and len(ids) + cfg.max_new_tokens > self.max_positions:
+                results[i] = ValueError(f"prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} "
+                                        f"exceeds the model's {self.max_positions} positions")
+            else:
+                rows.append(i)
+        if not rows:
+            return results
+        width = max(len(encoded[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):
+            ids = torch.tensor(encoded[i])
+            # T5's encoder takes right padding; a decoder-only model continues the prompt, so left
+            if self.kind == "t5":
+                input_ids[row, :len(ids)], attention_mask[row, :len(ids)] = ids, 1
+            else:
+                input_ids[row, width - len(ids):], attention_mask[row, width - len(ids):] = ids, 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        generator=self.generator)
+        if self.kind == "t5":
+            out = self.model.generate(input_ids, attention_mask, eos_id=tok.eos_id, **sampling)
+            eos_ids = [tok.eos_id]
+        else:
+            out = self.model.generate(input_ids, attention_mask, eos_ids=tuple(tok.eos_ids), **sampling)
+            eos_ids = list(tok.eos_ids)
+        out = out.cpu()  # (len(rows), <=max_new_tokens)
+        for row, i in enumerate(rows):
+            ids = out[row].tolist()
+            ends = [n for n, t in enumerate(ids) if t in eos_ids]
+            ids = ids[:ends[0] + 1] if ends else ids
+            self.tokens += len(ids)
+            results[i] = tok.decode(ids)
+        return results
+
+
+class OpenAITeacher:
+    """An OpenAI-compatible server (vLLM, llama.cpp server, ollama, ...): `openai:BASE_URL#MODEL`
+    posts to BASE_URL/v1/chat/completions with the prompt as one user message (chat models);
+    `openai-completions:BASE_URL#MODEL` posts the prompt as is to BASE_URL/v1/completions (base
+    models). BASE_URL may end in /v1 or not. `concurrency` requests at a time, each with `timeout`;
+    connection errors, timeouts, 429 and 5xx are retried `retries` times with exponential backoff;
+    a server still failing after that ends the run (TeacherUnavailable). OPENAI_API_KEY, when set,
+    is sent as the bearer token."""
+    prompted = True
+    chat = True
+
+    def __init__(self, spec: str, cfg: "RationalesConfig", device: str):
+        base, _, model = spec.partition("#")
+        if not base.startswith(("http://", "https://")) or not model:
+            raise SystemExit(f"teacher source {spec!r}: expected BASE_URL#MODEL, e.g. "
+                             "openai:http://localhost:8000/v1#Qwen/Qwen2.5-7B-Instruct")
+        base = base.rstrip("/")
+        self.url = (base if base.endswith("/v1") else base + "/v1") + ("/chat/completions" if self.chat else "/completions")
+        self.model, self.cfg = model, cfg
+        # enough jobs per batch to keep every connection busy between the per-batch fsyncs
+        self.batch_size = max(cfg.batch_size, 4 * cfg.concurrency)
+        self.down = threading.Event()  # set once the server is given up on: queued requests stop at once
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.tokens = 0
+
+    def session(self) -> requests.Session:
+        if not hasattr(self.local, "session"):
+            self.local.session = requests.Session()
+            if os.environ.get("OPENAI_API_KEY"):
+                self.local.session.headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        return self.local.session
+
+    def generate(self, jobs: list[Job]) -> list[str | Exception]:
+        with ThreadPoolExecutor(self.cfg.concurrency) as pool:
+            return list(pool.map(self.request, [job.prompt for job in jobs]))
+
+    def request(self, prompt: str) -> str | Exception:
+        cfg = self.cfg
+        body = {"model": self.model, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p}
+        body.update({"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt})
+        problem = ""
+        for attempt in range(cfg.retries + 1):
+            if attempt and self.down.wait(min(cfg.backoff * 2 ** (attempt - 1), 60.0)):
+                break
+            if self.down.is_set():
+                break
+            try:
+                response = self.session().post(self.url, json=body, timeout=cfg.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                problem = f"{type(e).__name__}: {e}"
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                continue
+            if response.status_code in (401, 403, 404):  # the same answer for every example: stop
+                self.down.set()
+                return TeacherUnavailable(f"{self.url} answered HTTP {response.status_code} "
+                                          f"({response.text[:200]}); check the URL, the model name "
+                                          f"{self.model!r} and OPENAI_API_KEY")
+            if response.status_code != 200:  # e.g. 400 for a prompt over the context length
+                return ValueError(f"HTTP {response.status_code}: {response.text[:300]}")
+            return self.text(response)
+        self.down.set()
+        return TeacherUnavailable(f"{self.url} still failing after {cfg.retries + 1} attempts: "
+                                  f"{problem or 'another request gave up on the server'}")
+
+    def text(self, response: requests.Response) -> str | Exception:
+        try:
+            body = response.json()
+            choice = body["choices"][0]
+            text = choice["message"]["content"] if self.chat else choice["text"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            return ValueError(f"malformed response ({type(e).__name__}: {e}): {response.text[:300]!r}")
+        if not isinstance(text, str) or not text.strip():
+            return ValueError(f"response has no text: {response.text[:300]!r}")
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            with self.lock:
+                self.tokens += usage["completion_tokens"]
+        return text
+
+
+class OpenAICompletionsTeacher(OpenAITeacher):
+    """`openai-completions:BASE_URL#MODEL`: the prompt as is, to /v1/completions (base models)."""
+    chat = False
+
+
+class ReleaseTeacher:
+    """The paper's published rationales (`release:flan-t5-xl`, `release:llama-2`), read through
+    data.load_release_rationales and split by prompts.parse_release; nothing is generated. The
+    release has no LLaMA-2 rationales for PIQA: those examples are recorded as errors, never invented."""
+    prompted = False
+    PAPER_TEACHERS = ("flan-t5-xl", "llama-2")  # the order of parse_release's pair
+
+    def __init__(self, spec: str, cfg: "RationalesConfig", device: str):
+        if spec not in self.PAPER_TEACHERS:
+            raise SystemExit(f"teacher source release:{spec}: the release has {', '.join(self.PAPER_TEACHERS)}")
+        self.which, self.cfg = spec, cfg
+        self.batch_size = 4096  # reading, not generating: few, large fsynced batches
+        self.release: dict[str, tuple[dict[str, int], list[str]]] = {}
+
+    def aligned(self, split: str) -> tuple[dict[str, int], list[str]]:
+        """(example id -> position in the split file, the release strings in that order)."""
+        if split not in self.release:
+            examples = data.load_split(self.cfg.dataset, split, self.cfg.data)
+            raw = data.load_release_rationales(self.cfg.dataset, split, self.cfg.data)  # checks the count
+            self.release[split] = ({e.id: n for n, e in enumerate(examples)}, raw)
+        return self.release[split]
+
+    def generate(self, jobs: list[Job]) -> list[str | Exception]:
+        results: list[str | Exception] = []
+        for job in jobs:
+            positions, raw = self.aligned(job.split)
+            try:
+                pair = prompts.parse_release(raw[positions[job.example.id]], job.example)
+            except ValueError as e:
+                results.append(e)
+                continue
+            text = pair[self.PAPER_TEACHERS.index(self.which)]
+            results.append(text if text is not None else ValueError(
+                f"the paper's release has no {self.which} rationale for {self.cfg.dataset} "
+                f"{job.split} example {job.example.id}"))
+        return results
+
+
+# kind prefix of a teacher source -> class(spec after the prefix, cfg, device); no prefix: LocalTeacher
+TEACHER_KINDS = {
+    "release": ReleaseTeacher,
+    "openai": OpenAITeacher,
+    "openai-completions": OpenAICompletionsTeacher,
+}
+
+
+def teacher_kind(source: str) -> tuple[type, str]:
+    kind, sep, spec = source.partition(":")
+    if sep and kind in TEACHER_KINDS:
+        return TEACHER_KINDS[kind], spec
+    return LocalTeacher, source
+
+
+# ---- the `rationales` command -----------------------------------------------------------------
+
+@dataclass
+class RationalesConfig:
+    dataset: str = "obqa"
+    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
+    data: str = "data"
+    cache: str = "cache"
+    limit: int = 0  # first N examples of each split (0 = all)
+    splits: str = "train"  # comma-separated, of train, valid
+    device: str = "auto"  # auto = cuda when available, else cpu
+    k: int = 2  # in-context examples per prompt (0 = none)
+    seed: int = 0  # picks the in-context examples (and seeds sampling)
+    teacher_forcing: bool = True  # §3.2: the teacher sees the gold answer
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 8  # prompts per forward pass of a local teacher
+    concurrency: int = 8  # requests in flight to a server teacher
+    timeout: float = 120.0  # seconds per server request
+    retries: int = 5  # further attempts on connection errors, timeouts, 429, 5xx
+    backoff: float = 1.0  # seconds before the first retry, doubled at each
+
+
+def parse_teachers(spec: str) -> list[tuple[str, str]]:
+    teachers = []
+    for item in spec.split():
+        name, sep, source = item.partition("=")
+        if not sep or not source or not re.fullmatch(r"[\w.-]+", name):
+            raise SystemExit(f"--teachers: {item!r} is not name=source (name of letters, digits, _ . -)")
+        if name in dict(teachers):
+            raise SystemExit(f"--teachers: teacher name {name!r} given twice")
+        teachers.append((name, source))
+    if not teachers:
+        raise SystemExit("--teachers: no teacher given (name=source ...)")
+    return teachers
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """`teacher: done/total, rationales/s, tokens/s, ETA`: rewritten in place on a terminal, a line
+    every few seconds in a log."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done = label, total, 0
+        self.start = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int, tokens: int | None) -> None:
+        self.done += done
+        now = time.perf_counter()
+        if not self.tty and now - self.last < 5.0 and self.done < self.total:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        line = f"{self.label}: {self.done}/{self.total}  {rate:.2f} rationales/s"
+        if tokens is not None:
+            line += f"  {tokens / elapsed:.1f} tokens/s"
+        line += f"  ETA {format_seconds((self.total - self.done) / rate) if rate else '?'}"
+        print(("\r" + line) if self.tty else line, end="" if self.tty and self.done < self.total else "\n",
+              file=sys.stderr, flush=True)
+
+
+def summarize(name: str, cache: dict[tuple[str, str], dict], split: str, examples: list) -> tuple[str, int]:
+    """One line per teacher and split: count, empty/degenerate, mean length, errors, and how often
+    the teacher's stated answer agrees with the gold one where it states one. Returns (line, count)."""
+    records = [cache[(split, e.id)] for e in examples if (split, e.id) in cache]
+    gold = {e.id: e.answer for e in examples}
+    good = [r for r in records if r["error"] is None]
+    empty = sum(1 for r in good if not r["rationale"].strip())
+    degenerate = sum(1 for r in good if r["degenerate"])
+    words = sum(len(r["rationale"].split()) for r in good) / max(len(good), 1)
+    stated = [r for r in good if r["stated_answer"] is not None]
+    agree = sum(1 for r in stated if r["stated_answer"] == gold[r["id"]])
+    errors = [r for r in records if r["error"] is not None]
+    line = (f"{name} {split}: {len(good)}/{len(examples)} rationales, {empty} empty, {degenerate} degenerate, "
+            f"mean {words:.1f} words, stated answer = gold {agree}/{len(stated)}"
+            + (f" ({100 * agree / len(stated):.1f}%)" if stated else ""))
+    if errors:
+        line += f", {len(errors)} errors (first: {errors[0]['error']})"
+    return line, len(good)
+
+
+def make_jobs(cfg: RationalesConfig, prompted: bool, examples: dict[str, list], pool: list) -> list[Job]:
+    """A job per example; the prompt is built only for teachers that take one (§3.2 teacher-forcing
+    CoT with k in-context examples from the training set, deterministic from (seed, example id))."""
+    jobs = []
+    for split, split_examples in examples.items():
+        for example in split_examples:
+            prompt = ""
+            if prompted:
+                context = data.in_context_examples(example, pool, k=cfg.k, seed=cfg.seed) if cfg.k else []
+                prompt = prompts.teacher_prompt(example, context, teacher_forcing=cfg.teacher_forcing)
+            jobs.append(Job(split, example, prompt))
+    return jobs
+
+
+def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[str, list], pool: list,
+                device: str, rank: int, world_size: int) -> str | None:
+    """Make what is missing or stale of one teacher's rationales; None, or why it stopped early."""
+    teacher_cls, spec = teacher_kind(source)
+    prompted = getattr(teacher_cls, "prompted", True)
+    settings = {"release": spec} if not prompted else dict(
+        k=cfg.k, seed=cfg.seed, teacher_forcing=cfg.teacher_forcing, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p)
+    jobs = make_jobs(cfg, prompted, examples, pool)
+    jobs = jobs[rank::world_size]  # positions, not what is missing: every rank agrees without talking
+    cached = read_cache(cfg.cache, cfg.dataset, name)
+
+    def stale(job: Job) -> bool:
+        record = cached.get((job.split, job.example.id))
+        return (record is None or record["error"] is not None or record["source"] != source
+                or record["settings"] != settings
+                or record["prompt_sha256"] != (sha256_text(job.prompt) if prompted else None))
+
+    todo = [job for job in jobs if stale(job)]
+    print(f"{name} ({source}): {len(jobs) - len(todo)} cached, {len(todo)} to make"
+          + (f" on rank {rank}/{world_size}" if world_size > 1 else ""), file=sys.stderr, flush=True)
+    if not todo:
+        return None
+    teacher = teacher_cls(spec, cfg, device)
+    # longest prompts first: little padding per batch, and out-of-memory shows at once
+    todo.sort(key=lambda job: -len(job.prompt))
+    writer = CacheWriter(cache_file(cfg.cache, cfg.dataset, name, rank if world_size > 1 else None))
+    progress = Progress(name, len(todo))
+    try:
+        batch_size = getattr(teacher, "batch_size", cfg.batch_size)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            outputs = teacher.generate(batch)
+            assert len(outputs) == len(batch), f"{name}: {len(outputs)} outputs for {len(batch)} jobs"
+            records, stop = [], None
+            for job, output in zip(batch, outputs):
+                if isinstance(output, TeacherUnavailable):
+                    stop = stop or str(output)
+                    continue
+                records.append(make_record(name, source, settings, job, output, prompted))
+            writer.write(records)
+            progress.update(len(records), getattr(teacher, "tokens", None))
+            if stop is not None:
+                return f"{name}: {stop}"
+    except TeacherUnavailable as e:
+        return f"{name}: {e}"
+    finally:
+        writer.close()
+    return None
+
+
+def make_record(name: str, source: str, settings: dict, job: Job, output: str | Exception,
+                prompted: bool) -> dict:
+    error = None if isinstance(output, str) else f"{type(output).__name__}: {output}"
+    raw = output if error is None else ""
+    rationale = prompts.clean_rationale(raw, job.prompt) if error is None else ""
+    return dict(split=job.split, id=job.example.id, teacher=name, source=source,
+                prompt_sha256=sha256_text(job.prompt) if prompted else None,
+                rationale=rationale, raw=raw, settings=settings,
+                stated_answer=prompts.stated_answer(rationale, list(job.example.options)) if error is None else None,
+                degenerate=prompts.is_degenerate(rationale) if error is None else False,
+                error=error, time=time.time())
+
+
+def rationales(cfg: RationalesConfig) -> None:
+    """Fill the cache with every teacher's rationales for the chosen splits, then print a summary."""
+    if cfg.dataset not in data.DATASETS:
+        raise SystemExit(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
+    splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]
+    if not splits or any(s not in ("train", "valid") for s in splits):
+        raise SystemExit(f"--splits={cfg.splits}: rationales are made for train and/or valid")
+    if cfg.k < 0 or cfg.limit < 0 or cfg.batch_size < 1 or cfg.concurrency < 1 or cfg.retries < 0:
+        raise SystemExit("--k, --limit and --retries must be >= 0; --batch_size and --concurrency >= 1")
+    teachers = parse_teachers(cfg.teachers)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg.device)
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    distributed = world_size > 1 and "MASTER_ADDR" in os.environ
+    if distributed:  # torchrun: wait for every rank before the summary
+        torch.distributed.init_process_group("gloo")
+
+    examples = {split: data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None) for split in splits}
+    # in-context examples come from the whole training set, so --limit does not change the prompts
+    pool = data.load_split(cfg.dataset, "train", cfg.data)
+    stopped = [why for name, source in teachers
+               if (why := run_teacher(cfg, name, source, examples, pool, device, rank, world_size))]
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if rank != 0:
+        if stopped:
+            raise SystemExit("\n".join(stopped))
+        return
+    empty_teachers = []
+    for name, source in teachers:
+        if world_size == 1 or distributed:
+            compact_cache(cfg.cache, cfg.dataset, name)
+        cached = read_cache(cfg.cache, cfg.dataset, name)
+        for split in splits:
+            line, count = summarize(name, cached, split, examples[split])
+            print(line, flush=True)
+            if count == 0 and examples[split]:
+                empty_teachers.append(f"{name}: no rationale for any {cfg.dataset} {split} example")
+    print(f"cache: {cache_file(cfg.cache, cfg.dataset, '*')}", flush=True)
+    if stopped or empty_teachers:
+        kept = "; everything made so far is kept in the cache, rerun to continue" if stopped else ""
+        raise SystemExit("\n".join(stopped + empty_teachers) + kept)
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def parse_flags(config_cls: type, args: list[str]):
+    """`--key=value` overrides of a config dataclass, converted to and checked against its field
+    types. An empty value keeps the default (the Makefile passes unset variables as empty)."""
+    types = typing.get_type_hints(config_cls)
+    values = {}
+    for arg in args:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"argument {arg!r}: flags are --key=value")
+        if key not in types:
+            raise SystemExit(f"unknown flag --{key} (flags: {', '.join('--' + k for k in types)})")
+        if value == "":
+            continue
+        kind = types[key]
+        try:
+            if kind is bool:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                values[key] = value.lower() in ("1", "true", "yes")
+            else:
+                values[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"--{key}={value}: expected {kind.__name__}") from None
+    return config_cls(**values)
+
+
+COMMANDS = {"rationales": (RationalesConfig, rationales)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python tinyllm.py {'|'.join(COMMANDS)} --key=value ...")
+    config_cls, command = COMMANDS[argv[0]]
+    command(parse_flags(config_cls, argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
