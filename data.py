@@ -372,8 +372,11 @@ def read_examples(path: str | Path) -> list[Example]:
     """Read and validate a split file: every row needs an id, a non-empty question, at least two
     non-empty options, and an answer text equal to exactly one option. Errors name file and row."""
     path = Path(path)
+    rows = _rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no examples")
     examples, seen = [], set()
-    for where, row in _rows(path):
+    for where, row in rows:
         def bad(problem: str) -> ValueError:
             ident = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
             return ValueError(f"{path}: {where}{ident}: {problem}")

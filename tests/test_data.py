@@ -290,8 +290,11 @@ def test_malformed_rows_give_errors_naming_file_and_row(tmp_path, row, problem, 
     assert str(error.value).startswith(f"{path}: {where}") and problem in str(error.value), str(error.value)
 
 
-def test_broken_json_line_is_named(tmp_path):
+def test_broken_json_line_and_empty_file_are_named(tmp_path):
     path = tmp_path / "bad.json"
+    path.write_text("[]")
+    with pytest.raises(ValueError, match=rf"{path}: no examples"):
+        data.read_examples(path)
     path.write_text('{"id": "0", "question": "q", "choices": ["x", "y"], "answer": "x"}\n{"id": "1", \n')
     with pytest.raises(ValueError, match=rf"{path}: line 2: not JSON"):
         data.read_examples(path)
