@@ -24,6 +24,7 @@ byte 0 (once). Files already present and verified are never fetched again.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -143,6 +144,7 @@ PINNED: dict[str, tuple[int, str]] = {
 PIQA_TRAIN = "piqa/piqa_train.json"
 PIQA_TRAIN_GIT_BLOB = "5009dbe551a9eb1014224f303f871ffcffb65e0e"  # git blob id at the release commit
 PIQA_TRAIN_STAND_IN = "piqa/piqa_train.reconstructed.json"
+LOCK_NAME = ".download.lock"  # in the data folder: serialises downloads between processes
 
 
 class DownloadError(RuntimeError):
@@ -301,20 +303,29 @@ def fetch(rel: str, data_dir: str | Path = "data", base_url: str | None = None) 
     present = [(dest, rel)]
     if rel == PIQA_TRAIN:  # the original wins; a stand-in fetched earlier is accepted as well
         present.append((data_dir / PIQA_TRAIN_STAND_IN, PIQA_TRAIN_STAND_IN))
-    for path, name in present:
-        if path.is_file() and checksum_problem(path, name) is None:
-            return path
+
+    def verified() -> Path | None:
+        return next((path for path, name in present if path.is_file() and checksum_problem(path, name) is None), None)
+
+    if found := verified():
+        return found
     base = base_url or source_url()
-    try:
-        _fetch_one(rel, dest, base)
-    except _NotFound:
-        if rel != PIQA_TRAIN:
-            raise
-        log.warning("%s is not at %s; using the pinned stand-in %s instead (PIQA's official train split, "
-                    "questions/choices recovered from the release's rationale files; trailing spaces of "
-                    "choices may be lost)", PIQA_TRAIN, _join(base, PIQA_TRAIN), PIQA_TRAIN_STAND_IN)
-        _fetch_one(PIQA_TRAIN_STAND_IN, data_dir / PIQA_TRAIN_STAND_IN, base)
-        return data_dir / PIQA_TRAIN_STAND_IN
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # one downloader per data folder (torchrun ranks share it); flock is dropped when a process dies
+    with open(data_dir / LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if found := verified():  # another process fetched it while we waited
+            return found
+        try:
+            _fetch_one(rel, dest, base)
+        except _NotFound:
+            if rel != PIQA_TRAIN:
+                raise
+            log.warning("%s is not at %s; using the pinned stand-in %s instead (PIQA's official train split, "
+                        "questions/choices recovered from the release's rationale files; trailing spaces of "
+                        "choices may be lost)", PIQA_TRAIN, _join(base, PIQA_TRAIN), PIQA_TRAIN_STAND_IN)
+            _fetch_one(PIQA_TRAIN_STAND_IN, data_dir / PIQA_TRAIN_STAND_IN, base)
+            return data_dir / PIQA_TRAIN_STAND_IN
     return dest
 
 

@@ -50,7 +50,7 @@ def release_data(tmp_path_factory) -> Path:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != data.LOCK_NAME)
 
 
 def copy_dataset(release: Path, dataset: str, to: Path) -> Path:
@@ -206,6 +206,25 @@ def test_stale_part_resumed_then_failing_its_checksum_is_fetched_again_once(serv
         data.fetch(rel, tmp_path, server.url)
     assert seen == ["bytes=1000-", None] and "fetching again from byte 0" in caplog.text
     assert (tmp_path / rel).read_bytes() == body and leftovers(tmp_path) == [rel]
+
+
+def test_concurrent_fetches_of_one_file_download_it_once(serve_folder, release, tmp_path):
+    server = serve_folder(release)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(data.fetch("bioasq/bioasq_train.json", tmp_path, server.url))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and results == [tmp_path / "bioasq/bioasq_train.json"] * 4
+    assert server.requests == ["/bioasq/bioasq_train.json"]
+    assert leftovers(tmp_path) == ["bioasq/bioasq_train.json"]
 
 
 def test_file_url_and_folder_sources(release, tmp_path, monkeypatch):
