@@ -37,7 +37,9 @@ import torch
 from torch import nn
 
 import data
+import llama
 import prompts
+import t5
 
 
 # ---- files: atomic writes ---------------------------------------------------------------------
@@ -207,27 +209,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-MODEL_KINDS = {"t5": "t5", "llama": "llama"}  # config.json model_type -> our model file
-
-
 def load_model(source: str, dtype: torch.dtype = torch.float32,
                device: str = "cpu") -> tuple[nn.Module, object, str]:
-    """(model, tokenizer, kind) for a hub id or folder; kind ("t5" or "llama") from config.json's
-    model_type, never from the name."""
+    """(model, tokenizer, kind) for a hub id or folder: kind "t5" (t5.py) when config.json's
+    model_type is t5, else "llama" (llama.py, which names the decoder-only types it reads); never
+    guessed from the name."""
     folder = resolve_model(source)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise ValueError(f"model {source!r}: {config_path} not found")
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    if model_type not in MODEL_KINDS:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported "
-                         f"(supported: {', '.join(MODEL_KINDS)})")
-    kind = MODEL_KINDS[model_type]
-    if kind == "t5":
-        import t5
-        return t5.T5.from_pretrained(folder, dtype=dtype, device=device), t5.Tokenizer.from_pretrained(folder), kind
-    import llama
-    return llama.Llama.from_pretrained(folder, dtype=dtype, device=device), llama.Tokenizer.from_pretrained(folder), kind
+    kind = "t5" if json.loads(config_path.read_text()).get("model_type") == "t5" else "llama"
+    model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
+    try:
+        model = model_cls.from_pretrained(folder, dtype=dtype, device=device)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    return model, tokenizer_cls.from_pretrained(folder), kind
 
 
 # ---- the rationale cache ----------------------------------------------------------------------

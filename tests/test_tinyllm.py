@@ -24,6 +24,16 @@ import tinyllm
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: more threads only add contention."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def release(assets) -> Path:
     return assets / "tinyllm_release"
@@ -439,3 +449,94 @@ def test_hub_missing_files_and_denied_access_are_clear_errors(hub):
         tinyllm.resolve_model("org/gated")
     with pytest.raises(ValueError, match="not a folder, and not a hub id"):
         tinyllm.resolve_model("no/such/folder")
+
+
+# ---- local teachers (t5.py / llama.py) on tiny random weights ------------------------------------
+
+def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5):
+    """SIGKILL `rationales` mid-run, run it again: one record per example, the same rationales as a
+    run that was never interrupted."""
+    n = 10
+    flags = ["--dataset=obqa", f"--teachers=tiny={tiny_t5}", f"--data={obqa_data}", f"--limit={n}",
+             "--batch_size=2", "--max_new_tokens=6", "--device=auto"]
+    start = time.perf_counter()
+    run(*flags, f"--cache={tmp_path / 'whole'}")
+    seconds = time.perf_counter() - start
+    whole = tinyllm.load_rationales(tmp_path / "whole", "obqa", "tiny")
+    print(f"tiny T5 teacher: {n / seconds:.1f} rationales/s (model load included)")
+    assert len(whole) == n and all(r["settings"]["max_new_tokens"] == 6 for r in whole.values())
+
+    path = tinyllm.cache_file(tmp_path / "killed", "obqa", "tiny")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matrices: threads only add contention
+    process = subprocess.Popen([sys.executable, str(REPO / "tinyllm.py"), "rationales", *flags,
+                                f"--cache={tmp_path / 'killed'}"], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (path.exists() and path.read_bytes().count(b"\n") >= 2):
+        assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()}"
+        assert time.monotonic() < deadline, "no record written within 60 s"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    written = path.read_bytes().count(b"\n")
+    assert 2 <= written < n, written
+
+    run(*flags, f"--cache={tmp_path / 'killed'}")
+    records = lines(path)
+    assert len(records) == n and len({r["id"] for r in records}) == n
+    resumed = tinyllm.load_rationales(tmp_path / "killed", "obqa", "tiny")
+    assert {i: r["rationale"] for i, r in resumed.items()} == {i: r["rationale"] for i, r in whole.items()}
+    assert {i: r["prompt_sha256"] for i, r in resumed.items()} == {i: r["prompt_sha256"] for i, r in whole.items()}
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny LLaMA with a chat template: a chat model."""
+    import shutil
+    folder = tmp_path_factory.mktemp("tiny_chat_llama")
+    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return folder
+
+
+def test_local_llama_teacher_chat_template_and_batching(tmp_path, obqa_data, tiny_llama, tiny_chat_llama):
+    cfg = tinyllm.RationalesConfig(max_new_tokens=12)
+    plain = tinyllm.LocalTeacher(str(tiny_llama), cfg, "cpu")
+    chat = tinyllm.LocalTeacher(str(tiny_chat_llama), cfg, "cpu")
+    assert (plain.kind, plain.chat, chat.chat) == ("llama", False, True)
+    assert plain.encode("Q: why?") == plain.tokenizer.encode("Q: why?", bos=True)
+    rendered = chat.tokenizer.apply_chat_template([{"role": "user", "content": "Q: why?"}])
+    assert rendered.endswith("[user] Q: why?\n[assistant]")
+    assert chat.encode("Q: why?") == chat.tokenizer.encode(rendered, bos=False)
+    assert chat.encode("Q: why?")[0] == chat.tokenizer.bos_id  # once: the template's, no second one
+
+    flags = ["--dataset=obqa", f"--teachers=chat={tiny_chat_llama}", f"--data={obqa_data}", "--limit=6",
+             "--max_new_tokens=12", "--k=1"]
+    run(*flags, f"--cache={tmp_path / 'one'}", "--batch_size=1")
+    run(*flags, f"--cache={tmp_path / 'six'}", "--batch_size=6")  # left padding changes nothing
+    one = tinyllm.load_rationales(tmp_path / "one", "obqa", "chat")
+    six = tinyllm.load_rationales(tmp_path / "six", "obqa", "chat")
+    assert len(one) == 6 and {i: r["raw"] for i, r in one.items()} == {i: r["raw"] for i, r in six.items()}
+    assert any(r["raw"] for r in one.values())
+
+    with pytest.raises(SystemExit, match="chat: no rationale for any obqa train example"):
+        run(*flags, f"--cache={tmp_path / 'long'}", "--max_new_tokens=1024")
+    errors = tinyllm.read_cache(tmp_path / "long", "obqa", "chat").values()
+    assert all("exceeds the model's 1024 positions" in r["error"] for r in errors) and len(errors) == 6
+
+
+def test_load_model_reads_the_kind_from_config(tiny_t5, tiny_llama, tmp_path):
+    model, tokenizer, kind = tinyllm.load_model(str(tiny_t5))
+    assert kind == "t5" and tokenizer.eos_id == 1 and model.config.d_model == 32
+    model, tokenizer, kind = tinyllm.load_model(str(tiny_llama))
+    assert kind == "llama" and model.config.hidden_size == 32
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match=r"bert/config.json: .*bert"):
+        tinyllm.load_model(str(bad))
