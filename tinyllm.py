@@ -18,7 +18,6 @@ and one line in TEACHER_KINDS.
 References: TinyLLM (Tian et al., arXiv 2402.04616); the Hugging Face hub's file layout
 `/{repo}/resolve/{revision}/{file}`; the OpenAI HTTP API (`/v1/completions`, `/v1/chat/completions`).
 """
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -326,8 +325,8 @@ def compact_cache(cache_dir: str | Path, dataset: str, teacher: str) -> None:
 # ---- teachers ---------------------------------------------------------------------------------
 # A teacher is built as Kind(spec, cfg, device) and has one method: generate(jobs) -> one item per
 # job, the raw text, or an Exception that is recorded as that example's error (a rerun tries it
-# again). A TeacherUnavailable item is not recorded: the batch is saved and that teacher's run ends
-# with its message. Optional attributes: `batch_size` (jobs per call, default --batch_size),
+# again). A TeacherUnavailable item (or exception raised) is not recorded: the batch is saved and
+# that teacher's run ends with its message. Optional attributes: `batch_size` (jobs per call, default --batch_size),
 # `prompted = False` for teachers that take no prompt, `tokens` (generated so far, for the progress).
 
 @dataclass(frozen=True)
@@ -451,9 +450,9 @@ class OpenAITeacher:
         body = {"model": self.model, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_p": cfg.top_p}
         body.update({"messages": [{"role": "user", "content": prompt}]} if self.chat else {"prompt": prompt})
-        problem = ""
+        problem, wait = "", 0.0
         for attempt in range(cfg.retries + 1):
-            if attempt and self.down.wait(min(cfg.backoff * 2 ** (attempt - 1), 60.0)):
+            if attempt and self.down.wait(min(max(cfg.backoff * 2 ** (attempt - 1), wait), 60.0)):
                 break
             if self.down.is_set():
                 break
@@ -464,6 +463,8 @@ class OpenAITeacher:
                 continue
             if response.status_code == 429 or response.status_code >= 500:
                 problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                retry_after = response.headers.get("Retry-After", "")
+                wait = float(retry_after) if retry_after.isdigit() else 0.0  # the server's own advice
                 continue
             if response.status_code in (401, 403, 404):  # the same answer for every example: stop
                 self.down.set()
@@ -686,7 +687,10 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
           + (f" on rank {rank}/{world_size}" if world_size > 1 else ""), file=sys.stderr, flush=True)
     if not todo:
         return None
-    teacher = teacher_cls(spec, cfg, device)
+    try:
+        teacher = teacher_cls(spec, cfg, device)
+    except ValueError as e:  # a model that is not there, or not one we read
+        raise SystemExit(f"--teachers: {name}={source}: {e}") from None
     # longest prompts first: little padding per batch, and out-of-memory shows at once
     todo.sort(key=lambda job: -len(job.prompt))
     writer = CacheWriter(cache_file(cfg.cache, cfg.dataset, name, rank if world_size > 1 else None))

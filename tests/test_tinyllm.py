@@ -530,8 +530,9 @@ def test_local_llama_teacher_chat_template_and_batching(tmp_path, obqa_data, tin
     assert all("exceeds the model's 1024 positions" in r["error"] for r in errors) and len(errors) == 6
 
 
-def test_load_model_reads_the_kind_from_config(tiny_t5, tiny_llama, tmp_path):
-    model, tokenizer, kind = tinyllm.load_model(str(tiny_t5))
+def test_load_model_reads_the_kind_from_config(tiny_t5, tiny_llama, tmp_path, hub):
+    hub.add("google/tiny-t5", "main", {p.name: p.read_bytes() for p in tiny_t5.iterdir() if p.is_file()})
+    model, tokenizer, kind = tinyllm.load_model("google/tiny-t5")  # from the loopback hub
     assert kind == "t5" and tokenizer.eos_id == 1 and model.config.d_model == 32
     model, tokenizer, kind = tinyllm.load_model(str(tiny_llama))
     assert kind == "llama" and model.config.hidden_size == 32
