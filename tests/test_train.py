@@ -1,0 +1,277 @@
+"""train.py: the fused multi-task loss (Eq. 2), every method on tiny random students, resume, NaN,
+DDP (2 gloo processes), truncation, checkpoints. Real OBQA examples, synthetic rationale caches."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import prompts
+import train
+
+REPO = Path(__file__).resolve().parent.parent
+LIMIT = 4
+TEACHERS = ("t1", "t2")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, assets) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    data.download("obqa", folder, base_url=str(assets / "tinyllm_release"))
+    return folder
+
+
+def write_cache(folder: Path, examples: list[data.Example]) -> Path:
+    """Two teachers' records in the cache format; t2's second example is degenerate (left out)."""
+    (folder / "obqa").mkdir(parents=True, exist_ok=True)
+    for teacher in TEACHERS:
+        with open(folder / "obqa" / f"{teacher}.jsonl", "w") as f:
+            for i, ex in enumerate(examples):
+                rationale = (f"{ex.answer_text} is what {teacher} expects here, given the question."
+                             if teacher == "t1" else f"Only {ex.answer_text} fits. So the answer is {ex.answer_text}.")
+                f.write(json.dumps({
+                    "split": "train", "id": ex.id, "teacher": teacher, "source": "test", "prompt_sha256": "",
+                    "rationale": rationale, "raw": rationale, "settings": {}, "time": 0.0,
+                    "stated_answer": (ex.answer + 1) % len(ex.options) if teacher == "t1" else ex.answer,
+                    "degenerate": teacher == "t2" and i == 1, "error": None}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory, data_dir) -> Path:
+    return write_cache(tmp_path_factory.mktemp("cache"), data.load_split("obqa", "train", data_dir, limit=8))
+
+
+def config(student: Path, out: Path, data_dir: Path, cache_dir: Path, **flags) -> train.TrainConfig:
+    """A fixed batch of LIMIT examples seen every step (batch = the whole train split), lr high enough
+    to move a random model in a few steps, fp32 so comparisons are exact."""
+    base = dict(student=str(student), teachers=" ".join(TEACHERS), method="tinyllm", data=str(data_dir),
+                cache=str(cache_dir), out=str(out), limit=LIMIT, batch_size=LIMIT, epochs=4, lr=3e-3,
+                log_every=1, eval_every=1000, bf16=0, max_new_tokens=4, max_target_tokens=24)
+    base.update(flags)
+    return train.TrainConfig(**base)
+
+
+def loss_curve(run: Path) -> list[dict[str, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_fused_loss_equals_separate_forwards(kind, request, data_dir, cache_dir):
+    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir)
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
+    rows = train.encode_rows(student, examples, tasks, cfg)
+    (micro,), task_tokens, _ = train.shard_step(rows, list(range(LIMIT)), len(tasks), 0, 1, 1)
+    assert len({t for t, _, _ in micro}) == 3 and len(micro) == 3 * LIMIT - 1  # t2's degenerate one is out
+    weights = torch.tensor([1.0, 0.7, 0.3])
+    fused_loss, fused = train.micro_batch_loss(student, micro, weights, torch.tensor(task_tokens, dtype=torch.float),
+                                               world=1)
+    separate = []
+    for t in range(len(tasks)):  # each task alone: the plain mean token cross-entropy of its rows
+        task_rows = [(p, tgt) for task, p, tgt in micro if task == t]
+        batch = student.collate(task_rows)
+        token_losses = student.token_losses(batch)
+        n = sum(len(tgt) for _, tgt in task_rows)
+        assert n == task_tokens[t]
+        separate.append(token_losses.sum() / n)
+    separate = torch.stack(separate)
+    torch.testing.assert_close(fused, separate.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_loss, (weights * separate).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,method", [("t5", m) for m in ("tinyllm", "finetune", "kd", "dss", "lora")]
+                         + [("llama", "tinyllm")])
+def test_each_method_lowers_the_loss(kind, method, request, tmp_path, data_dir, cache_dir, capsys):
+    student = request.getfixturevalue(f"tiny_{kind}")
+    flags = {"lr": 3e-2} if method == "lora" else {}  # adapters start at zero: they need a larger step
+    best = train.train(config(student, tmp_path / method, data_dir, cache_dir, method=method, **flags))
+    curve = loss_curve(tmp_path / method)
+    expected = {"tinyllm": ["answer", *TEACHERS], "dss": ["answer", "t1"]}.get(method, ["answer"])
+    assert list(curve[0]) == expected and len(curve) == 4
+    for task in expected:
+        assert curve[-1][task] < curve[0][task], (task, [c[task] for c in curve])
+    out = capsys.readouterr().out
+    assert f"checkpoint: {best}" in out and "step 4/4 | answer" in out and "tok/s" in out and "ETA" in out
+    assert (best / "config.json").exists() and (best / "model.safetensors").exists()
+    assert (tmp_path / method / "last" / "trainer_state.pt").exists()
+    assert not [p for p in (tmp_path / method).iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_kd_targets_are_the_teachers_stated_answers(data_dir, cache_dir, capsys):
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, method="kd", teacher="t1")
+    (answer,) = train.build_tasks(cfg, examples)
+    for ex in examples:  # t1 states the option after the gold one
+        assert answer.targets[ex.id] == ex.options[(ex.answer + 1) % len(ex.options)]
+    assert f"t1's stated answer is the target for {LIMIT}/{LIMIT} examples (0 agree with gold)" in capsys.readouterr().out
+
+
+def test_lora_checkpoint_is_a_plain_merged_model(tiny_t5, tmp_path, data_dir, cache_dir):
+    transformers = pytest.importorskip("transformers")
+    best = train.train(config(tiny_t5, tmp_path, data_dir, cache_dir, method="lora", lr=3e-2, epochs=2))
+    base = transformers.T5ForConditionalGeneration.from_pretrained(tiny_t5).state_dict()
+    tuned = transformers.T5ForConditionalGeneration.from_pretrained(best).state_dict()
+    assert set(base) == set(tuned)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.endswith((".q.weight", ".v.weight")) for k in changed), sorted(changed)
+
+
+def test_alpha_zero_for_every_teacher_equals_finetune(tiny_t5, tmp_path, data_dir, cache_dir):
+    train.train(config(tiny_t5, tmp_path / "zero", data_dir, cache_dir, alpha="t1=0 t2=0"))
+    train.train(config(tiny_t5, tmp_path / "finetune", data_dir, cache_dir, method="finetune"))
+    zero = [c["answer"] for c in loss_curve(tmp_path / "zero")]
+    finetune = [c["answer"] for c in loss_curve(tmp_path / "finetune")]
+    assert zero == pytest.approx(finetune, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["tinyllm", "lora"])
+def test_resume_equals_uninterrupted(method, tiny_t5, tmp_path, data_dir, cache_dir):
+    # 2 examples a step over 4: two steps an epoch, so the epoch permutation matters as well
+    flags = dict(method=method, batch_size=2, epochs=2, lr=3e-2 if method == "lora" else 3e-3)
+    train.train(config(tiny_t5, tmp_path / "once", data_dir, cache_dir, **flags))
+    train.train(config(tiny_t5, tmp_path / "twice", data_dir, cache_dir, stop_at=3, **flags))
+    assert len(loss_curve(tmp_path / "twice")) == 3
+    train.train(config(tiny_t5, tmp_path / "twice", data_dir, cache_dir, resume=1, **flags))
+    once, twice = loss_curve(tmp_path / "once"), loss_curve(tmp_path / "twice")
+    assert len(once) == len(twice) == 4
+    for a, b in zip(once, twice):
+        for task in a:
+            assert abs(a[task] - b[task]) <= 1e-6, (task, once, twice)
+
+
+def test_resume_refuses_a_changed_run(tiny_t5, tmp_path, data_dir, cache_dir):
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        train.train(config(tiny_t5, tmp_path, data_dir, cache_dir, resume=1))
+    train.train(config(tiny_t5, tmp_path, data_dir, cache_dir, method="finetune", stop_at=1))
+    with pytest.raises(SystemExit, match=r"--lr 0.003 -> 0.001"):
+        train.train(config(tiny_t5, tmp_path, data_dir, cache_dir, method="finetune", resume=1, lr=1e-3))
+
+
+def test_non_finite_loss_stops_naming_step_and_task(tiny_t5, tmp_path, data_dir, cache_dir, monkeypatch):
+    calls = []
+    real = train.micro_batch_loss
+
+    def poisoned(*args, **kwargs):
+        loss, task_losses = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # step 3: teacher t2's rationale loss blows up
+            task_losses = task_losses.clone()
+            task_losses[2] = math.nan
+            loss = loss * math.nan
+        return loss, task_losses
+
+    monkeypatch.setattr(train, "micro_batch_loss", poisoned)
+    with pytest.raises(SystemExit, match=r"non-finite loss at step 3 in task t2"):
+        train.train(config(tiny_t5, tmp_path, data_dir, cache_dir, log_every=10))
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import data, train
+from torch import nn
+rank, world, device = train.setup_distributed("cpu")
+cfg = train.TrainConfig(**{cfg!r})
+examples = data.load_split("obqa", "train", cfg.data, limit=cfg.limit)
+tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
+student = train.load_student(cfg.student, device, bf16=False)
+rows = train.encode_rows(student, examples, tasks, cfg)
+student.model = nn.parallel.DistributedDataParallel(student.module)
+micro_batches, task_tokens, _ = train.shard_step(rows, list(range(cfg.limit)), len(tasks), rank, world, cfg.grad_accum)
+weights = torch.tensor([t.weight for t in tasks])
+for j, micro in enumerate(micro_batches):
+    loss, _ = train.micro_batch_loss(student, micro, weights, torch.tensor(task_tokens, dtype=torch.float), world)
+    loss.backward()
+if rank == 0:
+    torch.save({{k: p.grad for k, p in student.module.named_parameters()}}, {out!r})
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_ddp_two_gloo_processes_match_single_process_gradients(tiny_t5, tmp_path, data_dir, cache_dir):
+    cfg = config(tiny_t5, tmp_path, data_dir, cache_dir, alpha="t1=0.5")
+    script = tmp_path / "ddp_grads.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), cfg=vars(cfg), out=str(tmp_path / "ddp.pt")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt")
+
+    def single_process(grad_accum: int) -> dict[str, torch.Tensor]:
+        examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+        tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
+        student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
+        rows = train.encode_rows(student, examples, tasks, cfg)
+        micro_batches, task_tokens, _ = train.shard_step(rows, list(range(LIMIT)), len(tasks), 0, 1, grad_accum)
+        for micro in micro_batches:
+            loss, _ = train.micro_batch_loss(student, micro, torch.tensor([t.weight for t in tasks]),
+                                             torch.tensor(task_tokens, dtype=torch.float), world=1)
+            loss.backward()
+        return {k: p.grad for k, p in student.module.named_parameters()}
+
+    for grads in (single_process(1), single_process(2)):  # whole batch, and gradient accumulation
+        assert set(grads) == set(ddp)
+        for k in grads:
+            torch.testing.assert_close(ddp[k], grads[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_truncation_keeps_the_options_and_the_end_of_the_question(tiny_t5):
+    student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
+    question = " ".join(f"w{i}" for i in range(400)) + " which option is right?"
+    ex = data.Example("x", question, ("alpha option", "beta option", "gamma option"), 1)
+    full = student.encode_prompt(prompts.student_input(ex, prompts.ANSWER_PREFIX))
+    assert student.fit_prompt(ex, prompts.ANSWER_PREFIX, len(full)) == full  # fits: untouched
+    ids = student.fit_prompt(ex, prompts.ANSWER_PREFIX, 96)
+    text = student.tokenizer.decode(ids)
+    assert len(ids) <= 96 and len(ids) >= 80, len(ids)
+    assert text.startswith(prompts.ANSWER_PREFIX.strip()), text  # the task prefix survives
+    assert "which option is right?" in text and "w399" in text and "w0 " not in text
+    assert all(option in text for option in ex.options), text
+    assert ids[-1] == student.tokenizer.eos_id
+
+
+def test_global_batch_is_a_permutation_per_epoch():
+    batches = [train.global_batch(10, 4, step, seed=1) for step in range(1, 7)]  # 3 steps an epoch
+    assert all(len(b) == 4 for b in batches)
+    first, second = batches[:3], batches[3:]
+    assert sorted(sum(first, [])[:10]) == list(range(10)) and sorted(sum(second, [])[:10]) == list(range(10))
+    assert first[2][2:] == first[0][:2]  # the last batch wraps around to the epoch's start
+    assert sum(first, []) != sum(second, [])  # a new order each epoch
+    assert batches == [train.global_batch(10, 4, step, seed=1) for step in range(1, 7)]  # a function of step
+
+
+def test_flags_are_type_checked():
+    cfg = train.parse_flags(train.TrainConfig, ["--lr=1e-4", "--alpha=", "--batch_size=4", "--teacher="])
+    assert cfg.lr == 1e-4 and cfg.alpha == "" and cfg.batch_size == 4 and cfg.teacher == ""
+    with pytest.raises(SystemExit, match="unknown flag --learning_rate"):
+        train.parse_flags(train.TrainConfig, ["--learning_rate=1"])
+    with pytest.raises(SystemExit, match="--batch_size='eight': expected int"):
+        train.parse_flags(train.TrainConfig, ["--batch_size=eight"])
+    assert train.parse_alpha("b=0.5", ["a", "b"]) == {"a": 1.0, "b": 0.5}
+    with pytest.raises(SystemExit, match="not name=weight for a teacher"):
+        train.parse_alpha("c=1", ["a", "b"])
+
+
+def test_missing_cache_names_the_file_and_the_fix(data_dir, tmp_path):
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    cfg = config(Path("unused"), Path("unused"), data_dir, tmp_path)
+    with pytest.raises(SystemExit, match=r"no train rationales of teacher 't1' in .*t1.jsonl: run `make rationales`"):
+        train.build_tasks(cfg, examples)
+
+
+def test_inference_trains_nothing(tmp_path, capsys):
+    train.train(train.TrainConfig(method="inference", out=str(tmp_path / "run")))
+    assert "trains nothing" in capsys.readouterr().out and not (tmp_path / "run").exists()

@@ -1,0 +1,824 @@
+"""Train a small student on the answers and on every teacher's rationales (TinyLLM §3.3, Eq. 2-4).
+
+    python train.py --dataset=obqa --student=google/flan-t5-small --teachers="flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2" \
+        --alpha="flan-t5-xl=1 llama-2=0.5" --method=tinyllm --data=data --cache=cache --out=out/obqa/tinyllm
+
+Each training example becomes one row per task: the answer task (input with p_A, target the answer) and
+one rationale task per teacher m (input with p_m, target m's rationale from the cache). The loss is
+Eq. 2, L = L_A + Σ_m α_m L_Tm, where each task loss is the mean token cross-entropy over that task's
+tokens. The rows of every task share one padded forward; per-task losses are separated by a mask.
+
+Methods (the paper's Table 1 rows): tinyllm (all teachers), finetune (L_A only), kd (the answer target is
+the teacher's stated answer), dss (Distill-step-by-step: one teacher's rationales), lora (L_A with
+low-rank adapters on the attention q/v projections, merged at save), inference (nothing to train).
+
+The student is any T5 checkpoint (seq2seq, as in the paper) or any LLaMA-family checkpoint as a
+decoder-only student (prompt tokens are masked out of the loss). eval.py imports the student classes.
+
+References: TinyLLM, Tian et al., arXiv 2402.04616; Distilling step-by-step, Hsieh et al., 2023;
+LoRA, Hu et al., 2021; nanoT5 (the loop split into maybe_log / maybe_eval / maybe_save).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import data
+import prompts
+import tinyllm
+
+METHODS = ("tinyllm", "finetune", "kd", "dss", "lora", "inference")
+ANSWER_TASK = "answer"
+
+
+# ---------------------------------------------------------------------------------------------------
+# flags: --key=value, type-checked against a config dataclass; "" means "the default"
+
+@dataclass
+class TrainConfig:
+    dataset: str = "obqa"
+    student: str = "google/flan-t5-small"  # hub id or folder: T5 (seq2seq) or LLaMA-family (decoder-only)
+    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # only the names are used here
+    alpha: str = ""  # "name=weight ..." for Eq. 2; default 1 for every teacher
+    method: str = "tinyllm"
+    teacher: str = ""  # the one teacher of dss / kd; default the first of --teachers
+    data: str = "data"
+    cache: str = "cache"
+    out: str = ""  # run folder; default out/<dataset>/<method>
+    limit: int = 0  # first N examples of train and valid (0 = all)
+    device: str = "auto"
+    resume: int = 0  # 1: continue from OUT/last (optimizer, scheduler, data order, RNG)
+    # optimisation: the paper's defaults
+    lr: float = 5e-5
+    batch_size: int = 8  # examples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    epochs: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip: float = 1.0  # max gradient norm (0 = no clipping)
+    seed: int = 0
+    max_input_tokens: int = 1024
+    max_target_tokens: int = 256
+    bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # bookkeeping
+    log_every: int = 10
+    eval_every: int = 0  # valid accuracy every N steps (0 = at the end of each epoch)
+    save_every: int = 0  # OUT/last every N steps (0 = at evaluations and at the end)
+    stop_at: int = 0  # stop after this step (the schedule still spans the full run; RESUME=1 continues)
+    eval_batch_size: int = 32
+    max_new_tokens: int = 64
+
+
+def parse_flags(cls, argv: list[str]):
+    """`--key=value` into `cls`; an empty value keeps the default; an unknown key is a SystemExit."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: flags are --key=value (known: {', '.join(fields)})")
+        key, value = arg[2:].split("=", 1)
+        if key not in fields:
+            raise SystemExit(f"unknown flag --{key} (known: {', '.join(fields)})")
+        if value == "":
+            continue
+        kind = type(fields[key].default)
+        try:
+            values[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"--{key}={value!r}: expected {kind.__name__}") from None
+    return cls(**values)
+
+
+def teacher_names(teachers: str) -> list[str]:
+    """"a=src b=src" (or bare names) -> ["a", "b"]: train needs the names only, the cache has the text."""
+    names = [spec.split("=", 1)[0] for spec in teachers.split()]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--teachers={teachers!r}: a teacher name appears twice")
+    return names
+
+
+def parse_alpha(alpha: str, names: list[str]) -> dict[str, float]:
+    """"a=1 b=0.5" -> {a: 1.0, b: 0.5}; teachers not named get weight 1 (Eq. 2's α_m)."""
+    weights = {name: 1.0 for name in names}
+    for spec in alpha.split():
+        name, sep, value = spec.partition("=")
+        if not sep or name not in weights:
+            raise SystemExit(f"--alpha: {spec!r} is not name=weight for a teacher in --teachers ({' '.join(names)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--alpha: weight {value!r} of {name} is not a number") from None
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# the student: one class per architecture, the same methods for train.py and eval.py
+
+def resolve_device(flag: str) -> torch.device:
+    if flag in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if flag.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={flag}: CUDA is not available on this machine")
+    return torch.device(flag)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # CPU autocast to bf16 runs everywhere but is only fast with native bf16 instructions.
+    return device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+
+
+def pad(rows: list[list[int]], value: int, left: bool = False) -> Tensor:
+    """(R, T) LongTensor of `rows` padded with `value` on the right (or the left, for generation)."""
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            start = width - len(row) if left else 0
+            out[i, start:start + len(row)] = torch.tensor(row)
+    return out
+
+
+def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:i]
+    return ids
+
+
+class Student:
+    """What training and evaluation need from a model: token losses of (prompt, target) rows, greedy
+    answers, option log-likelihoods, saving. `model` may be wrapped in DDP; `module` never is."""
+
+    kind = ""
+
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device, bf16: bool):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.bf16 = bf16 and bf16_supported(device)
+
+    @property
+    def module(self) -> nn.Module:
+        return getattr(self.model, "module", self.model)
+
+    def autocast(self):
+        # bf16 activations, fp32 master weights and optimizer state.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def fit_prompt(self, example: data.Example, prefix: str, limit: int) -> list[int]:
+        """Encode student_input(example, prefix) in at most `limit` tokens. Too long: drop words from the
+        START of the question, so the end of the question (where the ask is) and the options survive."""
+        ids = self.encode_prompt(prompts.student_input(example, prefix))
+        if len(ids) <= limit:
+            return ids
+        words = example.question.split(" ")
+
+        def encode_without(k: int) -> list[int]:
+            shorter = dataclasses.replace(example, question=" ".join(words[k:]))
+            return self.encode_prompt(prompts.student_input(shorter, prefix))
+
+        lo, hi = 1, len(words)  # smallest k (words dropped) that fits, by bisection
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(encode_without(mid)) <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        ids = encode_without(lo)
+        if len(ids) > limit:  # the options alone are too long: keep the end, which holds the last options
+            ids = ids[len(ids) - limit:]
+        return ids
+
+    def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
+        """(R, T) cross-entropy of every target token, 0 where there is none (labels == -100)."""
+        raise NotImplementedError
+
+    def row_loss_sums(self, rows: list[tuple[list[int], list[int]]]) -> Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.collate(rows).items()}
+        return self.token_losses(batch).sum(dim=1)  # (R,)
+
+    @torch.no_grad()
+    def log_likelihood(self, rows: list[tuple[list[int], list[int]]]) -> Tensor:
+        """Summed log-probability of each target given its prompt, (R,), on the CPU."""
+        with self.autocast():
+            return -self.row_loss_sums(rows).float().cpu()
+
+    def save_pretrained(self, folder: Path) -> None:
+        with merged_lora(self.module):
+            self.module.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
+
+class Seq2SeqStudent(Student):
+    """A T5: the prompt goes to the encoder, the target is the decoder's labels (as in the paper)."""
+
+    kind = "t5"
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)  # ends with </s>
+
+    def encode_target(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)  # ends with </s>: the student learns to stop
+
+    def row_tokens(self, prompt: list[int], target: list[int]) -> int:
+        return len(prompt) + len(target)
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+        input_ids = pad([p for p, _ in rows], self.tokenizer.pad_id)
+        return {"input_ids": input_ids, "attention_mask": (pad([[1] * len(p) for p, _ in rows], 0)),
+                "labels": pad([t for _, t in rows], -100)}
+
+    def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
+        labels = batch["labels"]
+        pad_id = self.tokenizer.pad_id
+        decoder_input_ids = t5_shift_right(labels, start_id=pad_id, pad_id=pad_id)
+        logits = self.model(batch["input_ids"], batch["attention_mask"], decoder_input_ids)  # (R, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                               reduction="none").view(labels.shape)
+
+    @torch.no_grad()
+    def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
+        input_ids = pad(prompt_rows, self.tokenizer.pad_id).to(self.device)
+        mask = pad([[1] * len(p) for p in prompt_rows], 0).to(self.device)
+        with self.autocast():
+            out = self.module.generate(input_ids, mask, max_new_tokens, eos_id=self.tokenizer.eos_id)
+        eos = {self.tokenizer.eos_id}
+        return [self.tokenizer.decode(cut_at_eos(row, eos)) for row in out.tolist()]
+
+
+class DecoderOnlyStudent(Student):
+    """A LLaMA-family model: one sequence prompt + target; only the target tokens are in the loss
+    (beyond the paper, which used T5 students only)."""
+
+    kind = "llama"
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=True)
+
+    def encode_target(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=False) + [self.tokenizer.eos_ids[0]]
+
+    def row_tokens(self, prompt: list[int], target: list[int]) -> int:
+        return len(prompt) + len(target)
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+        # Right padding: positions count from 0 on every row and padding sits after the causal context.
+        sequences = [p + t for p, t in rows]
+        return {"input_ids": pad(sequences, self.tokenizer.pad_id),
+                "attention_mask": pad([[1] * len(s) for s in sequences], 0),
+                "labels": pad([[-100] * len(p) + t for p, t in rows], -100)}
+
+    def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = self.model(batch["input_ids"], batch["attention_mask"])  # (R, T, V)
+        labels = batch["labels"][:, 1:]  # token t+1 is predicted at position t
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                               reduction="none").view(labels.shape)
+
+    @torch.no_grad()
+    def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
+        input_ids = pad(prompt_rows, self.tokenizer.pad_id, left=True).to(self.device)
+        mask = pad([[1] * len(p) for p in prompt_rows], 0, left=True).to(self.device)
+        eos_ids = tuple(self.tokenizer.eos_ids)
+        with self.autocast():
+            out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)
+        return [self.tokenizer.decode(cut_at_eos(row, set(eos_ids))) for row in out.tolist()]
+
+
+def t5_shift_right(labels: Tensor, start_id: int, pad_id: int) -> Tensor:
+    import t5  # only seq2seq students need it
+    return t5.shift_right(labels, start_id=start_id, pad_id=pad_id)
+
+
+def load_student(source: str, device: torch.device, bf16: bool = True) -> Student:
+    """A hub id or folder -> the student wrapper for its architecture, fp32 weights on `device`."""
+    model, tokenizer, kind = tinyllm.load_model(source, dtype=torch.float32, device=str(device))
+    classes = {"t5": Seq2SeqStudent, "llama": DecoderOnlyStudent}
+    if kind not in classes:
+        raise SystemExit(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
+    return classes[kind](model, tokenizer, device, bf16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# answers: greedy with p_A then parse_answer (exact match, as in the paper), or the most likely option
+
+def answer_prompts(student: Student, examples: list[data.Example], max_input_tokens: int) -> list[list[int]]:
+    return [student.fit_prompt(ex, prompts.ANSWER_PREFIX, max_input_tokens) for ex in examples]
+
+
+def predict(student: Student, examples: list[data.Example], scoring: str = "generate", batch_size: int = 32,
+            max_input_tokens: int = 1024, max_new_tokens: int = 64) -> list[dict]:
+    """One record per example: id, answer (gold), prediction (option index or None), correct, output."""
+    was_training = student.module.training
+    student.module.eval()
+    records = []
+    prompt_rows = answer_prompts(student, examples, max_input_tokens)
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_rows[i]))  # similar lengths share a batch
+    results: dict[int, dict] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        if scoring == "generate":
+            outputs = student.generate([prompt_rows[i] for i in chunk], max_new_tokens)
+            for i, text in zip(chunk, outputs):
+                results[i] = {"output": text, "prediction": prompts.parse_answer(text, examples[i].options)}
+        elif scoring == "rank":
+            rows, owners = [], []
+            for i in chunk:
+                for option in range(len(examples[i].options)):
+                    target = prompts.answer_target(dataclasses.replace(examples[i], answer=option))
+                    rows.append((prompt_rows[i], student.encode_target(target)))
+                    owners.append(i)
+            scores = student.log_likelihood(rows)
+            for i in chunk:
+                option_scores = [s for s, owner in zip(scores.tolist(), owners) if owner == i]
+                best = max(range(len(option_scores)), key=option_scores.__getitem__)
+                results[i] = {"output": examples[i].options[best], "prediction": best, "scores": option_scores}
+        else:
+            raise SystemExit(f"--scoring={scoring!r}: expected generate or rank")
+    for i, ex in enumerate(examples):
+        record = {"id": ex.id, "answer": ex.answer, **results[i]}
+        record["correct"] = record["prediction"] == ex.answer
+        records.append(record)
+    student.module.train(was_training)
+    return records
+
+
+def accuracy(records: list[dict]) -> float:
+    return sum(r["correct"] for r in records) / len(records) if records else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# tasks and their rows (§3.3)
+
+@dataclass
+class Task:
+    name: str  # "answer" or a teacher name
+    prefix: str  # p_A or p_m
+    weight: float  # 1 for the answer, α_m for a teacher (Eq. 2)
+    targets: dict[str, str] = field(repr=False)  # example id -> target text; a missing id has no row
+
+
+def usable_rationale(record: dict | None) -> str | None:
+    if not record or record.get("error") or record.get("degenerate"):
+        return None
+    return (record.get("rationale") or "").strip() or None
+
+
+def read_cache(cfg: TrainConfig, teacher: str) -> dict[str, dict]:
+    path = Path(cfg.cache) / cfg.dataset / f"{teacher}.jsonl"
+    try:
+        records = tinyllm.load_rationales(cfg.cache, cfg.dataset, teacher, split="train")
+    except FileNotFoundError:
+        records = {}
+    if not records:
+        raise SystemExit(f"no train rationales of teacher {teacher!r} in {path}: run `make rationales` "
+                         f"(DATASET={cfg.dataset} TEACHERS=...) first, or fix --teachers/--cache")
+    return records
+
+
+def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> list[Task]:
+    """The answer task (first) and the rationale tasks of the method."""
+    names = teacher_names(cfg.teachers)
+    alpha = parse_alpha(cfg.alpha, names)
+    teacher = cfg.teacher or (names[0] if names else "")
+    if cfg.method in ("dss", "kd") and teacher not in names:
+        raise SystemExit(f"--teacher={teacher!r} is not one of --teachers ({' '.join(names) or 'none'})")
+    answer = {ex.id: prompts.answer_target(ex) for ex in examples}
+    if cfg.method == "kd":
+        # Standard KD on the answer: the target is the option the teacher stated in its rationale; where
+        # it stated none we can parse (or has no record), the gold answer stands in.
+        records = read_cache(cfg, teacher)
+        stated, agree = 0, 0
+        for ex in examples:
+            choice = (records.get(ex.id) or {}).get("stated_answer")
+            if isinstance(choice, int) and 0 <= choice < len(ex.options):
+                answer[ex.id] = prompts.answer_target(dataclasses.replace(ex, answer=choice))
+                stated, agree = stated + 1, agree + (choice == ex.answer)
+        log(f"kd: {teacher}'s stated answer is the target for {stated}/{len(examples)} examples "
+            f"({agree} agree with gold); gold for the rest")
+    tasks = [Task(ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0, answer)]
+    rationale_teachers = {"tinyllm": names, "dss": [teacher]}.get(cfg.method, [])
+    if cfg.method == "tinyllm" and not names:
+        raise SystemExit("--method=tinyllm needs at least one teacher in --teachers")
+    for name in rationale_teachers:
+        records = read_cache(cfg, name)
+        targets = {ex.id: text for ex in examples if (text := usable_rationale(records.get(ex.id)))}
+        log(f"{name}: rationales for {len(targets)}/{len(examples)} train examples "
+            f"(missing or degenerate ones are left out of L_{name}), α = {alpha[name]:g}")
+        tasks.append(Task(name, prompts.teacher_prefix(name), alpha[name], targets))
+    return tasks
+
+
+def encode_rows(student: Student, examples: list[data.Example], tasks: list[Task],
+                cfg: TrainConfig) -> list[list[tuple[int, list[int], list[int]]]]:
+    """Per example, its (task index, prompt ids, target ids) rows, tokenized once before training."""
+    rows = []
+    for ex in examples:
+        rows.append([(t, student.fit_prompt(ex, task.prefix, cfg.max_input_tokens),
+                      student.encode_target(task.targets[ex.id])[:cfg.max_target_tokens])
+                     for t, task in enumerate(tasks) if ex.id in task.targets])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# data order: a permutation per epoch from (seed, epoch), so step -> batch is a pure function (resume)
+
+def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step` (1-based). The last batch of an epoch wraps around to the
+    epoch's start so that every step has `batch_size` examples (as DistributedSampler pads)."""
+    steps_per_epoch = math.ceil(n / batch_size)
+    epoch, k = divmod(step - 1, steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    batch = order[k * batch_size:(k + 1) * batch_size]
+    return batch + order[:batch_size - len(batch)]
+
+
+def shard_step(rows: list[list[tuple]], batch: list[int], n_tasks: int, rank: int, world: int,
+               grad_accum: int) -> tuple[list[list[tuple]], list[int], int]:
+    """This rank's micro-batches of the step (rows with their task index), the number of target tokens of
+    each task in the WHOLE step (every rank and micro-batch), and the step's total tokens."""
+    task_tokens, tokens = [0] * n_tasks, 0
+    for i in batch:
+        for t, prompt, target in rows[i]:
+            task_tokens[t] += len(target)
+            tokens += len(prompt) + len(target)
+    mine = batch[rank::world]  # DistributedSampler-like: rank r takes every world-th example
+    per_micro = len(mine) // grad_accum
+    micro_batches = [[row for i in mine[j * per_micro:(j + 1) * per_micro] for row in rows[i]]
+                     for j in range(grad_accum)]
+    return micro_batches, task_tokens, tokens
+
+
+def micro_batch_loss(student: Student, micro: list[tuple], weights: Tensor, task_tokens: Tensor,
+                     world: int) -> tuple[Tensor, Tensor]:
+    """Eq. 2 over one micro-batch: Σ_t w_t · (CE summed over task t's tokens here) / (task t's tokens in the
+    whole step). Normalising by the step's token count makes micro-batches and ranks add up exactly to the
+    per-task mean token cross-entropy of the full batch; `world` undoes DDP's gradient averaging.
+    Returns the loss to backpropagate and this micro-batch's share of each task's loss (n_tasks,)."""
+    task = torch.tensor([t for t, _, _ in micro], device=student.device)
+    with student.autocast():
+        row_sums = student.row_loss_sums([(p, tgt) for _, p, tgt in micro])  # (R,)
+    task_sums = torch.zeros(len(weights), device=student.device).index_add_(0, task, row_sums.float())
+    task_losses = task_sums / task_tokens.clamp(min=1)  # (n_tasks,)
+    return (weights * task_losses).sum() * world, task_losses.detach()
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA (the paper's parameter-efficient baseline): adapters on attention q and v, merged at save
+
+LORA_TARGETS = ("q", "v", "q_proj", "v_proj")  # T5's and LLaMA's attention projections (HF names)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (α/r) · B A x, with the base frozen; B starts at zero so training starts from the base."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def merged(self) -> nn.Linear:
+        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                           device=self.base.weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.base.weight + self.scale * (self.lora_B @ self.lora_A))
+            if self.base.bias is not None:
+                linear.bias.copy_(self.base.bias)
+        return linear
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
+    """Freeze `model` and put adapters on every attention q/v projection; returns how many."""
+    model.requires_grad_(False)
+    targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if name in LORA_TARGETS and isinstance(child, nn.Linear)]
+    if not targets:
+        raise SystemExit(f"--method=lora: no attention projection named {' / '.join(LORA_TARGETS)} in the student")
+    for parent, name in targets:
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return len(targets)
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module):
+    """Within the block the adapters are folded into plain Linear weights, so the model saves (and loads,
+    in transformers too) as an ordinary checkpoint of the student's architecture."""
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, LoRALinear)]
+    for parent, name, child in swapped:
+        setattr(parent, name, child.merged())
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints: RUN/best and RUN/last, each a folder from_pretrained loads, written atomically
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(student: Student, folder: Path, trainer_state: dict | None = None) -> None:
+    """Write into a temp folder beside `folder`, fsync, then rename over it: a crash leaves the old one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    student.save_pretrained(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(tmp)
+    old = None
+    if folder.exists():  # a folder cannot be renamed onto a non-empty one: move the old one aside first
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync_path(folder.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed (torchrun): NCCL on CUDA, gloo on CPU
+
+def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
+    device = resolve_device(device_flag)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def valid_accuracy(student: Student, examples: list[data.Example], cfg: TrainConfig, rank: int,
+                   world: int) -> float:
+    """Greedy answers on this rank's share of valid, summed over ranks."""
+    records = predict(student, examples[rank::world], "generate", cfg.eval_batch_size, cfg.max_input_tokens,
+                      cfg.max_new_tokens)
+    counts = all_reduce_sum(torch.tensor([sum(r["correct"] for r in records), len(records)],
+                                         dtype=torch.float64, device=student.device))
+    return (counts[0] / counts[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop (nanoT5-like: the step, then maybe_log / maybe_eval / maybe_save)
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@dataclass
+class Progress:
+    step: int = 0  # last completed optimizer step
+    best_accuracy: float = -1.0
+    best_step: int = 0
+    logged_step: int = 0  # the step of the last flushed loss
+    tokens: int = 0  # tokens since the last log
+    lr: float = 0.0  # the learning rate of the last step
+    log_time: float = field(default_factory=time.perf_counter)
+
+
+def train(cfg: TrainConfig) -> Path:
+    rank, world, device = setup_distributed(cfg.device)
+    log = print if rank == 0 else (lambda *args, **kwargs: None)
+    if cfg.method not in METHODS:
+        raise SystemExit(f"--method={cfg.method!r}: expected one of {', '.join(METHODS)}")
+    run = Path(cfg.out or f"out/{cfg.dataset}/{cfg.method}")
+    if cfg.method == "inference":
+        log(f"--method=inference trains nothing: `make eval METHOD=inference` evaluates {cfg.student} as is")
+        return run
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SystemExit(f"--batch_size={cfg.batch_size} must be a multiple of processes x --grad_accum "
+                         f"= {world} x {cfg.grad_accum}")
+    torch.manual_seed(cfg.seed)
+
+    limit = cfg.limit or None  # never the test split while training: best is chosen on valid
+    train_examples = data.load_split(cfg.dataset, "train", cfg.data, limit=limit)
+    valid_examples = data.load_split(cfg.dataset, "valid", cfg.data, limit=limit)
+    tasks = build_tasks(cfg, train_examples, log)
+    weights = torch.tensor([task.weight for task in tasks], device=device)
+
+    state_path = run / "last" / "trainer_state.pt"
+    resume_state = None
+    if cfg.resume:
+        if not state_path.exists():
+            raise SystemExit(f"--resume=1 but {state_path} does not exist: nothing to resume (RESUME=0 starts over)")
+        resume_state = torch.load(state_path, map_location="cpu", weights_only=True)
+        check_resumable(cfg, resume_state["config"])
+    # A LoRA run's last/ holds merged weights: resume from the frozen base plus the saved adapters.
+    source = str(run / "last") if resume_state and cfg.method != "lora" else cfg.student
+    student = load_student(source, device, bool(cfg.bf16))
+    if cfg.method == "lora":
+        log(f"lora: rank {cfg.lora_rank} adapters on {add_lora(student.module, cfg.lora_rank, cfg.lora_alpha)} "
+            "attention projections, base frozen")
+        if resume_state:
+            student.module.load_state_dict(resume_state["adapters"], strict=False)
+    student.module.train()
+    rows = encode_rows(student, train_examples, tasks, cfg)
+
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    params = [p for p in student.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 0
+        optimizer, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), max(total - s, 0) / max(total - cfg.warmup_steps, 1)))
+    progress = Progress()
+    if resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        progress.step = progress.logged_step = resume_state["step"]
+        progress.best_accuracy, progress.best_step = resume_state["best_accuracy"], resume_state["best_step"]
+        log(f"resuming {run} at step {progress.step}/{total}")
+    if world > 1:
+        student.model = nn.parallel.DistributedDataParallel(
+            student.module, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics = run / "metrics.jsonl"
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        trim_metrics(metrics, progress.step)
+
+    log(f"training {cfg.student} ({student.kind}) with {cfg.method} on {cfg.dataset}: {len(train_examples)} examples, "
+        f"tasks {', '.join(t.name for t in tasks)}, {total} steps of {cfg.batch_size} on {world} x {device}"
+        f"{' (bf16 autocast)' if student.bf16 else ''}")
+    step_losses = torch.zeros(max(cfg.log_every, 1), len(tasks), device=device)  # per-step task losses
+    start_step, start_time = progress.step, time.perf_counter()
+    step = progress.step
+    for step in range(progress.step + 1, total + 1):
+        # Every step's randomness (dropout) is a function of (seed, step, rank): resume needs no saved RNG.
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        batch = global_batch(len(train_examples), cfg.batch_size, step, cfg.seed)
+        micro_batches, task_tokens, tokens = shard_step(rows, batch, len(tasks), rank, world, cfg.grad_accum)
+        task_tokens = torch.tensor(task_tokens, dtype=torch.float32).to(device, non_blocking=True)
+        slot = (step - progress.logged_step - 1) % len(step_losses)
+        try:
+            for j, micro in enumerate(micro_batches):
+                sync = j == len(micro_batches) - 1 or world == 1
+                with contextlib.nullcontext() if sync else student.model.no_sync():
+                    loss, task_losses = micro_batch_loss(student, micro, weights, task_tokens, world)
+                    loss.backward()
+                step_losses[slot] += task_losses
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            optimizer.step()
+            progress.lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"out of {device.type} memory at step {step} (batch {cfg.batch_size}, grad_accum "
+                             f"{cfg.grad_accum}): try a smaller --batch_size with --grad_accum (e.g. "
+                             f"ARGS=\"--grad_accum={2 * cfg.grad_accum}\") or a shorter --max_input_tokens") from None
+        progress.step, progress.tokens = step, progress.tokens + tokens
+
+        stop = step == total or step == cfg.stop_at
+        evaluate = step == total or (step % cfg.eval_every == 0 if cfg.eval_every else step % steps_per_epoch == 0)
+        save = stop or evaluate or (cfg.save_every and step % cfg.save_every == 0)
+        if stop or evaluate or save or step - progress.logged_step == len(step_losses):
+            maybe_log(step_losses, progress, tasks, total, start_step, start_time, metrics, log, rank)
+        if evaluate:
+            maybe_eval(student, valid_examples, cfg, progress, run, metrics, log, rank, world)
+        if save:
+            maybe_save(student, cfg, optimizer, scheduler, progress, run, rank, world)
+        if evaluate or save:
+            progress.log_time = time.perf_counter()  # tokens/s counts training time only
+        if stop:
+            break
+    if world > 1:
+        dist.barrier()
+    best = run / "best"
+    log(f"checkpoint: {best} (valid accuracy {progress.best_accuracy:.4f} at step {progress.best_step}); "
+        f"last: {run / 'last'} (step {step}/{total}); metrics: {metrics}")
+    return best
+
+
+def maybe_log(step_losses: Tensor, progress: Progress, tasks: list[Task], total: int, start_step: int,
+              start_time: float, metrics: Path, log, rank: int) -> None:
+    """Flush the per-step losses (the one host sync), stop on a non-finite one, print the progress line."""
+    n = progress.step - progress.logged_step
+    losses = all_reduce_sum(step_losses[:n].clone()).cpu()  # (n, n_tasks): every rank's share summed
+    step_losses.zero_()
+    for i, row in enumerate(losses):
+        bad = [task.name for task, value in zip(tasks, row.tolist()) if not math.isfinite(value)]
+        if bad:
+            raise SystemExit(f"non-finite loss at step {progress.logged_step + i + 1} in task {bad[0]} "
+                             f"({', '.join(bad)}): lower --lr, check the data, or try --bf16=0")
+    now = time.perf_counter()
+    mean = losses.mean(dim=0).tolist()
+    lr = progress.lr
+    tokens_per_s = progress.tokens / max(now - progress.log_time, 1e-9)
+    eta = (now - start_time) / max(progress.step - start_step, 1) * (total - progress.step)
+    log(f"step {progress.step}/{total} | " + " ".join(f"{t.name} {v:.4f}" for t, v in zip(tasks, mean))
+        + f" | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | ETA {format_duration(eta)}", flush=True)
+    if rank == 0:
+        with open(metrics, "a") as f:
+            for i, row in enumerate(losses.tolist()):
+                f.write(json.dumps({"step": progress.logged_step + i + 1,
+                                    "loss": {t.name: v for t, v in zip(tasks, row)}}) + "\n")
+            f.write(json.dumps({"step": progress.step, "lr": lr, "tokens_per_s": tokens_per_s}) + "\n")
+    progress.logged_step, progress.tokens, progress.log_time = progress.step, 0, now
+
+
+def maybe_eval(student: Student, valid_examples: list[data.Example], cfg: TrainConfig, progress: Progress, run: Path,
+               metrics: Path, log, rank: int, world: int) -> None:
+    """Valid accuracy; RUN/best follows the best one (the test split is never looked at in training)."""
+    accuracy_ = valid_accuracy(student, valid_examples, cfg, rank, world)
+    improved = accuracy_ > progress.best_accuracy
+    if improved:
+        progress.best_accuracy, progress.best_step = accuracy_, progress.step
+        if rank == 0:
+            save_checkpoint(student, run / "best")
+    log(f"step {progress.step}: valid accuracy {accuracy_:.4f} (best {progress.best_accuracy:.4f} at step "
+        f"{progress.best_step}){' -> saved ' + str(run / 'best') if improved else ''}", flush=True)
+    if rank == 0:
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"step": progress.step, "valid_accuracy": accuracy_}) + "\n")
+
+
+def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, progress: Progress, run: Path, rank: int,
+               world: int) -> None:
+    """RUN/last with what RESUME=1 needs: optimizer, scheduler, step, best so far (and LoRA adapters)."""
+    if rank == 0:
+        state = {"step": progress.step, "best_accuracy": progress.best_accuracy, "best_step": progress.best_step,
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "config": dataclasses.asdict(cfg)}
+        if cfg.method == "lora":
+            state["adapters"] = adapter_state(student.module)
+        save_checkpoint(student, run / "last", state)
+    if world > 1:
+        dist.barrier()
+
+
+RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha", "limit", "batch_size", "epochs",
+                 "seed", "lr", "warmup_steps", "max_input_tokens", "max_target_tokens", "lora_rank", "lora_alpha")
+
+
+def check_resumable(cfg: TrainConfig, saved: dict) -> None:
+    changed = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise SystemExit("--resume=1 with a different run configuration: " + "; ".join(changed)
+                         + " (keep the flags of the interrupted run, or RESUME=0 to start over)")
+
+
+def trim_metrics(metrics: Path, step: int) -> None:
+    """On resume, drop records past the resumed step so the file reads as one uninterrupted run."""
+    if not metrics.exists():
+        return
+    keep = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    metrics.write_text("".join(line + "\n" for line in keep))
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_flags(TrainConfig, argv)
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
