@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -320,6 +321,17 @@ def test_server_that_stays_down_ends_the_run_and_keeps_what_is_done(tmp_path, ob
     assert len(lines(tinyllm.cache_file(tmp_path / "cache", "obqa", "srv"))) == 10
 
 
+def test_server_with_a_wrong_model_name_stops_at_once(tmp_path, obqa_data, serve_folder):
+    server = serve_folder(tmp_path)
+    server.data_dir, server.limit = obqa_data, 4
+    examples, attempts = openai_stub(server, "/v1/chat/completions",
+                                     lambda index, attempt, body: (404, {"error": "model not found"}, 0.0))
+    with pytest.raises(SystemExit, match=r"answered HTTP 404 .*model not found.*check the URL, the model name 'nope'"):
+        run("--dataset=obqa", f"--teachers=srv=openai:{server.url}/v1/#nope", f"--data={obqa_data}",
+            f"--cache={tmp_path / 'cache'}", "--limit=4", "--concurrency=1")
+    assert sum(attempts.values()) == 1 and tinyllm.read_cache(tmp_path / "cache", "obqa", "srv") == {}
+
+
 def test_server_not_running_is_a_clear_error(tmp_path, obqa_data):
     import socket
     with socket.socket() as s:  # a port nobody listens on
@@ -453,7 +465,7 @@ def test_hub_missing_files_and_denied_access_are_clear_errors(hub):
 
 # ---- local teachers (t5.py / llama.py) on tiny random weights ------------------------------------
 
-def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5):
+def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5, capsys):
     """SIGKILL `rationales` mid-run, run it again: one record per example, the same rationales as a
     run that was never interrupted."""
     n = 10
@@ -463,6 +475,8 @@ def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5):
     run(*flags, f"--cache={tmp_path / 'whole'}")
     seconds = time.perf_counter() - start
     whole = tinyllm.load_rationales(tmp_path / "whole", "obqa", "tiny")
+    progress = capsys.readouterr().err
+    assert re.search(rf"^tiny: {n}/{n}  [\d.]+ rationales/s  [\d.]+ tokens/s  ETA 0:00:00$", progress, re.M), progress
     print(f"tiny T5 teacher: {n / seconds:.1f} rationales/s (model load included)")
     assert len(whole) == n and all(r["settings"]["max_new_tokens"] == 6 for r in whole.values())
 
