@@ -615,7 +615,7 @@ class Tokenizer:
                 import tokenizers
             except ImportError as error:
                 raise ImportError(f"{self.folder}/tokenizer.json needs the optional `tokenizers` package: "
-                                  "pip install tokenizers") from error
+                                  "pip install -r requirements-extra.txt (or: pip install tokenizers)") from error
             self._sp = None
             self._fast = tokenizers.Tokenizer.from_file(str(self.folder / "tokenizer.json"))
             self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
