@@ -352,7 +352,12 @@ def test_training_path_backward(checkpoints, batch):
 def transformers_t5_tokenizer(spiece: Path):
     """transformers' T5Tokenizer built exactly as `T5Tokenizer.from_pretrained` converts spiece.model, except
     that the protobuf fields are read by sentencepiece (and t5's wire reader for the normalizer charsmap)
-    because this environment has no `protobuf`, which transformers' own extractor requires."""
+    because this environment has no `protobuf`, which transformers' own extractor requires.
+
+    In transformers 5 there is no slow tokenizer: `T5Tokenizer(vocab_file=...)` ignores the file and builds a
+    104-token placeholder vocabulary, and T5TokenizerFast is the same class. The converted tokenizer uses
+    Metaspace(prepend_scheme="always"), i.e. the legacy behaviour: text right after a special token gets
+    sentencepiece's "▁" ("<extra_id_5>.b" -> 32094, "▁.", "b"). Our Tokenizer matches that."""
     import sentencepiece
     from transformers.convert_slow_tokenizer import T5Converter
 
