@@ -357,7 +357,7 @@ def transformers_t5_tokenizer(spiece: Path):
     In transformers 5 there is no slow tokenizer: `T5Tokenizer(vocab_file=...)` ignores the file and builds a
     104-token placeholder vocabulary, and T5TokenizerFast is the same class. The converted tokenizer uses
     Metaspace(prepend_scheme="always"), i.e. the legacy behaviour: text right after a special token gets
-    sentencepiece's "▁" ("<extra_id_5>.b" -> 32094, "▁.", "b"). Our Tokenizer matches that."""
+    sentencepiece's "▁" ("a<extra_id_5>.b" -> ▁ a 32094 ▁ . b </s>). Our Tokenizer matches that."""
     import sentencepiece
     from transformers.convert_slow_tokenizer import T5Converter
 
