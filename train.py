@@ -236,9 +236,6 @@ class Seq2SeqStudent(Student):
     def encode_target(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)  # ends with </s>: the student learns to stop
 
-    def row_tokens(self, prompt: list[int], target: list[int]) -> int:
-        return len(prompt) + len(target)
-
     def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         input_ids = pad([p for p, _ in rows], self.tokenizer.pad_id)
         return {"input_ids": input_ids, "attention_mask": (pad([[1] * len(p) for p, _ in rows], 0)),
@@ -256,8 +253,8 @@ class Seq2SeqStudent(Student):
     def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
         input_ids = pad(prompt_rows, self.tokenizer.pad_id).to(self.device)
         mask = pad([[1] * len(p) for p in prompt_rows], 0).to(self.device)
-        with self.autocast():
-            out = self.module.generate(input_ids, mask, max_new_tokens, eos_id=self.tokenizer.eos_id)
+        # No autocast: the KV caches are in the weights' dtype (eval.py loads bf16 weights for speed instead).
+        out = self.module.generate(input_ids, mask, max_new_tokens, eos_id=self.tokenizer.eos_id)
         eos = {self.tokenizer.eos_id}
         return [self.tokenizer.decode(cut_at_eos(row, eos)) for row in out.tolist()]
 
@@ -273,9 +270,6 @@ class DecoderOnlyStudent(Student):
 
     def encode_target(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=False) + [self.tokenizer.eos_ids[0]]
-
-    def row_tokens(self, prompt: list[int], target: list[int]) -> int:
-        return len(prompt) + len(target)
 
     def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         # Right padding: positions count from 0 on every row and padding sits after the causal context.
@@ -295,8 +289,7 @@ class DecoderOnlyStudent(Student):
         input_ids = pad(prompt_rows, self.tokenizer.pad_id, left=True).to(self.device)
         mask = pad([[1] * len(p) for p in prompt_rows], 0, left=True).to(self.device)
         eos_ids = tuple(self.tokenizer.eos_ids)
-        with self.autocast():
-            out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)
+        out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)  # no autocast, as above
         return [self.tokenizer.decode(cut_at_eos(row, set(eos_ids))) for row in out.tolist()]
 
 
@@ -305,9 +298,10 @@ def t5_shift_right(labels: Tensor, start_id: int, pad_id: int) -> Tensor:
     return t5.shift_right(labels, start_id=start_id, pad_id=pad_id)
 
 
-def load_student(source: str, device: torch.device, bf16: bool = True) -> Student:
-    """A hub id or folder -> the student wrapper for its architecture, fp32 weights on `device`."""
-    model, tokenizer, kind = tinyllm.load_model(source, dtype=torch.float32, device=str(device))
+def load_student(source: str, device: torch.device, bf16: bool = True, dtype: torch.dtype = torch.float32) -> Student:
+    """A hub id or folder -> the student wrapper for its architecture, on `device`: fp32 weights for training
+    (bf16 autocast when `bf16`), bf16 weights for inference-only evaluation."""
+    model, tokenizer, kind = tinyllm.load_model(source, dtype=dtype, device=str(device))
     classes = {"t5": Seq2SeqStudent, "llama": DecoderOnlyStudent}
     if kind not in classes:
         raise SystemExit(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
@@ -317,17 +311,13 @@ def load_student(source: str, device: torch.device, bf16: bool = True) -> Studen
 # ---------------------------------------------------------------------------------------------------
 # answers: greedy with p_A then parse_answer (exact match, as in the paper), or the most likely option
 
-def answer_prompts(student: Student, examples: list[data.Example], max_input_tokens: int) -> list[list[int]]:
-    return [student.fit_prompt(ex, prompts.ANSWER_PREFIX, max_input_tokens) for ex in examples]
-
-
 def predict(student: Student, examples: list[data.Example], scoring: str = "generate", batch_size: int = 32,
             max_input_tokens: int = 1024, max_new_tokens: int = 64) -> list[dict]:
     """One record per example: id, answer (gold), prediction (option index or None), correct, output."""
     was_training = student.module.training
     student.module.eval()
     records = []
-    prompt_rows = answer_prompts(student, examples, max_input_tokens)
+    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, max_input_tokens) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompt_rows[i]))  # similar lengths share a batch
     results: dict[int, dict] = {}
     for start in range(0, len(order), batch_size):
@@ -656,8 +646,9 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.method == "lora":
         log(f"lora: rank {cfg.lora_rank} adapters on {add_lora(student.module, cfg.lora_rank, cfg.lora_alpha)} "
             "attention projections, base frozen")
-        if resume_state:
-            student.module.load_state_dict(resume_state["adapters"], strict=False)
+        if resume_state:  # only the adapters: the base is the (frozen) student itself
+            missing, unexpected = student.module.load_state_dict(resume_state["adapters"], strict=False)
+            assert not unexpected and all("lora_" not in k for k in missing), (unexpected, missing)
     student.module.train()
     rows = encode_rows(student, train_examples, tasks, cfg)
 
