@@ -181,6 +181,11 @@ class Student:
         # bf16 activations, fp32 master weights and optimizer state.
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def prompt_limit(self, limit: int, reserve: int) -> int:
+        """Prompt tokens allowed when `reserve` more (target or generated) follow: T5's relative positions
+        set no bound; a decoder-only model's position table does (see DecoderOnlyStudent)."""
+        return limit
+
     def fit_prompt(self, example: data.Example, prefix: str, limit: int) -> list[int]:
         """Encode student_input(example, prefix) in at most `limit` tokens. Too long: drop words from the
         START of the question, so the end of the question (where the ask is) and the options survive."""
@@ -265,6 +270,13 @@ class DecoderOnlyStudent(Student):
 
     kind = "llama"
 
+    def prompt_limit(self, limit: int, reserve: int) -> int:
+        positions = self.module.config.max_position_embeddings
+        if positions - reserve <= 0:
+            raise SystemExit(f"the student has {positions} positions: no room for a prompt before {reserve} "
+                             "target tokens (lower --max_target_tokens / --max_new_tokens)")
+        return min(limit, positions - reserve)
+
     def encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=True)
 
@@ -317,7 +329,8 @@ def predict(student: Student, examples: list[data.Example], scoring: str = "gene
     was_training = student.module.training
     student.module.eval()
     records = []
-    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, max_input_tokens) for ex in examples]
+    limit = student.prompt_limit(max_input_tokens, max_new_tokens)
+    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, limit) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompt_rows[i]))  # similar lengths share a batch
     results: dict[int, dict] = {}
     for start in range(0, len(order), batch_size):
@@ -417,9 +430,10 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
 def encode_rows(student: Student, examples: list[data.Example], tasks: list[Task],
                 cfg: TrainConfig) -> list[list[tuple[int, list[int], list[int]]]]:
     """Per example, its (task index, prompt ids, target ids) rows, tokenized once before training."""
+    limit = student.prompt_limit(cfg.max_input_tokens, cfg.max_target_tokens)
     rows = []
     for ex in examples:
-        rows.append([(t, student.fit_prompt(ex, task.prefix, cfg.max_input_tokens),
+        rows.append([(t, student.fit_prompt(ex, task.prefix, limit),
                       student.encode_target(task.targets[ex.id])[:cfg.max_target_tokens])
                      for t, task in enumerate(tasks) if ex.id in task.targets])
     return rows

@@ -296,3 +296,10 @@ def test_missing_cache_names_the_file_and_the_fix(data_dir, tmp_path):
 def test_inference_trains_nothing(tmp_path, capsys):
     train.train(train.TrainConfig(method="inference", out=str(tmp_path / "run")))
     assert "trains nothing" in capsys.readouterr().out and not (tmp_path / "run").exists()
+
+
+def test_decoder_only_prompts_leave_room_for_the_target(tiny_llama):
+    student = train.load_student(str(tiny_llama), torch.device("cpu"), bf16=False)  # 1024 positions
+    assert student.prompt_limit(1024, 256) == 768 and student.prompt_limit(512, 256) == 512
+    with pytest.raises(SystemExit, match="no room for a prompt"):
+        student.prompt_limit(1024, 1024)
