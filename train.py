@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 import data
 import prompts
+import t5
 import tinyllm
 
 METHODS = ("tinyllm", "finetune", "kd", "dss", "lora", "inference")
@@ -164,8 +165,10 @@ def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 
 
 class Student:
-    """What training and evaluation need from a model: token losses of (prompt, target) rows, greedy
-    answers, option log-likelihoods, saving. `model` may be wrapped in DDP; `module` never is."""
+    """What training and evaluation need from a model, over (prompt ids, target ids) rows. Each subclass
+    provides encode_prompt / encode_target (text -> ids), collate (rows -> padded host tensors),
+    token_losses (batch -> (R, T) cross-entropy per target token, 0 elsewhere) and generate (greedy
+    answers). `model` may be wrapped in DDP for training; `module` never is."""
 
     kind = ""
 
@@ -210,10 +213,6 @@ class Student:
             ids = ids[len(ids) - limit:]
         return ids
 
-    def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
-        """(R, T) cross-entropy of every target token, 0 where there is none (labels == -100)."""
-        raise NotImplementedError
-
     def row_loss_sums(self, rows: list[tuple[list[int], list[int]]]) -> Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.collate(rows).items()}
         return self.token_losses(batch).sum(dim=1)  # (R,)
@@ -243,13 +242,13 @@ class Seq2SeqStudent(Student):
 
     def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
         input_ids = pad([p for p, _ in rows], self.tokenizer.pad_id)
-        return {"input_ids": input_ids, "attention_mask": (pad([[1] * len(p) for p, _ in rows], 0)),
+        return {"input_ids": input_ids, "attention_mask": pad([[1] * len(p) for p, _ in rows], 0),
                 "labels": pad([t for _, t in rows], -100)}
 
     def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
         labels = batch["labels"]
         pad_id = self.tokenizer.pad_id
-        decoder_input_ids = t5_shift_right(labels, start_id=pad_id, pad_id=pad_id)
+        decoder_input_ids = t5.shift_right(labels, start_id=pad_id, pad_id=pad_id)  # T5 starts decoding at pad
         logits = self.model(batch["input_ids"], batch["attention_mask"], decoder_input_ids)  # (R, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                reduction="none").view(labels.shape)
@@ -303,11 +302,6 @@ class DecoderOnlyStudent(Student):
         eos_ids = tuple(self.tokenizer.eos_ids)
         out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)  # no autocast, as above
         return [self.tokenizer.decode(cut_at_eos(row, set(eos_ids))) for row in out.tolist()]
-
-
-def t5_shift_right(labels: Tensor, start_id: int, pad_id: int) -> Tensor:
-    import t5  # only seq2seq students need it
-    return t5.shift_right(labels, start_id=start_id, pad_id=pad_id)
 
 
 def load_student(source: str, device: torch.device, bf16: bool = True, dtype: torch.dtype = torch.float32) -> Student:
