@@ -19,6 +19,15 @@ import train
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CI machine spinning threads cost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 TEACHERS = ("t1", "t2")
 
 
