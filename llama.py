@@ -486,7 +486,10 @@ class Llama(nn.Module):
             raise ValueError("generate needs a LEFT-padded batch: attention_mask[:, -1] must be all ones")
         S = T + max_new_tokens
         cfg = self.config
-        caches = [KVCache(B, cfg.num_key_value_heads, S, cfg.head_dim, self.lm_head.weight.dtype, device)
+        # k/v arrive in the autocast dtype when autocast is on (bf16 on CUDA), else in the weights' dtype
+        kv_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                    else self.lm_head.weight.dtype)
+        caches = [KVCache(B, cfg.num_key_value_heads, S, cfg.head_dim, kv_dtype, device)
                   for _ in range(cfg.num_hidden_layers)]
         key_valid = torch.ones(B, S, dtype=torch.bool, device=device)
         key_valid[:, :T] = attention_mask.bool()

@@ -171,6 +171,26 @@ def test_cached_decode_equals_full_forward(tiny_folders, name):
     assert torch.equal(torch.stack(tokens, 1), model.generate(ids, mask, max_new_tokens=n, eos_ids=[]))
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_bf16_autocast_forward_and_generate(tiny_folders, device):
+    """Under autocast k/v come out in bf16: the KV cache must take that dtype (train.py's eval and the
+    teachers run generate under autocast on CUDA). bf16 drifts no more than transformers' own."""
+    ids, mask = (t.to(device) for t in left_padded_batch())
+    ours = llama.Llama.from_pretrained(tiny_folders["gqa_llama3_tied"], device=device)
+    ref = reference(tiny_folders["gqa_llama3_tied"]).to(device)
+    with torch.no_grad():
+        fp32 = ours(ids, mask)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            bf16 = ours(ids, mask)
+            ref_bf16 = ref(input_ids=ids, attention_mask=mask).logits
+            new = ours.generate(ids, mask, max_new_tokens=8, eos_ids=[])
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    valid = mask.bool()
+    budget = max(1.25 * relative_error(ref_bf16[valid].float(), fp32[valid]), 0.02)
+    assert relative_error(bf16[valid].float(), fp32[valid]) <= budget
+    assert new.shape == (3, 8)
+
+
 def test_sampling(tiny_folders):
     ids, mask = left_padded_batch()
     model = llama.Llama.from_pretrained(tiny_folders["mha"])
