@@ -257,8 +257,8 @@ class Seq2SeqStudent(Student):
     def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
         input_ids = pad(prompt_rows, self.tokenizer.pad_id).to(self.device)
         mask = pad([[1] * len(p) for p in prompt_rows], 0).to(self.device)
-        # No autocast: the KV caches are in the weights' dtype (eval.py loads bf16 weights for speed instead).
-        out = self.module.generate(input_ids, mask, max_new_tokens, eos_id=self.tokenizer.eos_id)
+        with self.autocast():  # the models' KV caches take the autocast dtype
+            out = self.module.generate(input_ids, mask, max_new_tokens, eos_id=self.tokenizer.eos_id)
         eos = {self.tokenizer.eos_id}
         return [self.tokenizer.decode(cut_at_eos(row, eos)) for row in out.tolist()]
 
@@ -300,7 +300,8 @@ class DecoderOnlyStudent(Student):
         input_ids = pad(prompt_rows, self.tokenizer.pad_id, left=True).to(self.device)
         mask = pad([[1] * len(p) for p in prompt_rows], 0, left=True).to(self.device)
         eos_ids = tuple(self.tokenizer.eos_ids)
-        out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)  # no autocast, as above
+        with self.autocast():
+            out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)
         return [self.tokenizer.decode(cut_at_eos(row, set(eos_ids))) for row in out.tolist()]
 
 
@@ -537,6 +538,18 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
 
+def load_adapters(model: nn.Module, adapters: dict[str, Tensor]) -> None:
+    """Restore exactly the adapters adapter_state saved: the same keys and shapes, nothing else."""
+    params = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    if params.keys() != adapters.keys():
+        raise SystemExit(f"LoRA adapters in the checkpoint do not fit the student: missing "
+                         f"{sorted(params.keys() - adapters.keys())[:5]}, unexpected {sorted(adapters.keys() - params.keys())[:5]}")
+    with torch.no_grad():
+        for key, value in adapters.items():
+            assert params[key].shape == value.shape, (key, params[key].shape, value.shape)
+            params[key].copy_(value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # checkpoints: RUN/best and RUN/last, each a folder from_pretrained loads, written atomically
 
@@ -546,6 +559,20 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def recover_checkpoint(folder: Path) -> None:
+    """A kill between save_checkpoint's two renames leaves only the previous checkpoint, moved aside
+    as `.NAME.old-PID`: put it back. Leftover temp folders of an interrupted save are removed."""
+    if not folder.parent.is_dir():
+        return
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        shutil.rmtree(tmp)
+    olds = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not folder.exists() and olds:
+        os.replace(olds.pop(), folder)
+    for old in olds:
+        shutil.rmtree(old)
 
 
 def save_checkpoint(student: Student, folder: Path, trainer_state: dict | None = None) -> None:
@@ -641,6 +668,8 @@ def train(cfg: TrainConfig) -> Path:
     tasks = build_tasks(cfg, train_examples, log)
     weights = torch.tensor([task.weight for task in tasks], device=device)
 
+    for folder in (run / "last", run / "best"):
+        recover_checkpoint(folder)
     state_path = run / "last" / "trainer_state.pt"
     resume_state = None
     if cfg.resume:
@@ -655,8 +684,7 @@ def train(cfg: TrainConfig) -> Path:
         log(f"lora: rank {cfg.lora_rank} adapters on {add_lora(student.module, cfg.lora_rank, cfg.lora_alpha)} "
             "attention projections, base frozen")
         if resume_state:  # only the adapters: the base is the (frozen) student itself
-            missing, unexpected = student.module.load_state_dict(resume_state["adapters"], strict=False)
-            assert not unexpected and all("lora_" not in k for k in missing), (unexpected, missing)
+            load_adapters(student.module, resume_state["adapters"])
     student.module.train()
     rows = encode_rows(student, train_examples, tasks, cfg)
 

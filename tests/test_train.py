@@ -312,3 +312,26 @@ def test_decoder_only_prompts_leave_room_for_the_target(tiny_llama):
     assert student.prompt_limit(1024, 256) == 768 and student.prompt_limit(512, 256) == 512
     with pytest.raises(SystemExit, match="no room for a prompt"):
         student.prompt_limit(1024, 1024)
+
+
+def test_checkpoint_survives_a_kill_between_the_renames(tiny_t5, tmp_path, monkeypatch):
+    """save_checkpoint moves the old folder aside, then renames the new one in: a kill between the two
+    leaves no `last/`. recover_checkpoint (run at every start) puts the old checkpoint back."""
+    student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
+    folder = tmp_path / "last"
+    train.save_checkpoint(student, folder, {"step": 1})
+    real_replace = train.os.replace  # os.replace itself: the models' file writes use it too
+
+    def killed_after_first_rename(src, dst):
+        if Path(dst) == folder and not folder.exists():  # the old folder is aside, the new one not in
+            raise KeyboardInterrupt("kill -9")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(student, folder, {"step": 2})
+    monkeypatch.setattr(train.os, "replace", real_replace)
+    assert not folder.exists()
+    train.recover_checkpoint(folder)
+    assert torch.load(folder / "trainer_state.pt", weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # temp and aside folders gone
