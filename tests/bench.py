@@ -1,0 +1,737 @@
+"""make bench: speed and peak memory of t5.py / llama.py against transformers, side by side in one process.
+
+    python tests/bench.py --device=auto --out=out [--quick=1] [--full=1] [--reps=0] [--threads=0]
+                          [--only=SUBSTRING] [--profile=1]
+
+What is measured (issue 8), every case on the same weights and the same inputs:
+  1. Student training step, tokens/s (input + target tokens per second): one AdamW step (forward, token
+     cross-entropy, backward, step, zero_grad) of t5.T5 vs transformers' T5ForConditionalGeneration, flan-t5-small
+     and flan-t5-base shapes, random weights. Then the TinyLLM step with two teachers (paper §3.3, Eq. 2): the
+     answer task and two rationale tasks of B examples each, as ONE padded batch of 3B rows with per-task losses by
+     row mask (ours, as train.py does) vs three forwards with the losses summed (the official implementation's
+     way); both on t5.T5, so the row isolates the fusion. Real answers are short: the answer task's targets have
+     16 tokens, the rationales 64 (the fused batch pads answers to 64; the three-forward way does not).
+  2. Teacher generation, new tokens/s: greedy decoding of exactly N new tokens (EOS disabled in both, so no row
+     stops early) with a KV cache; llama.Llama vs LlamaForCausalLM (SmolLM2-135M shape) and t5.T5 vs
+     T5ForConditionalGeneration (flan-t5-base shape). The time is the whole `generate` call (prompt prefill /
+     encoder included), so new tokens/s = batch * N / seconds. transformers uses its default (dynamic) cache; on
+     CUDA the static cache is measured as well. Whether both produced the same tokens is recorded.
+  3. Peak memory of each call above what was allocated before it. CUDA: torch.cuda.max_memory_allocated after
+     reset_peak_memory_stats, minus memory_allocated before. CPU: tracemalloc cannot see torch's allocations, so
+     the process's resident set is used instead: free memory is handed back to the OS (gc + malloc_trim), the
+     kernel's peak-RSS mark is reset (`5` > /proc/self/clear_refs, Linux >= 4.0), and peak = VmHWM - VmRSS before.
+     Weights, optimizer state and the other implementation's model are in the baseline, so the number is what the
+     call itself adds (activations, gradients, KV cache, logits).
+
+Timing: warm-up calls are excluded; then repetitions alternate ours/transformers, and which of the two goes first
+alternates too, so drift in machine load hits both alike. Reported: the median and the min-max spread of the
+repetitions, the repetition count, and the load average (os.getloadavg) before and after each case.
+
+Achieved throughput (both devices; the issue asks for it on CUDA): training FLOP/s = 6 x (matmul parameters x
+tokens through them) + attention score/value products x 3 (forward + backward), the 6*N*T approximation made
+exact per stack (encoder weights see input tokens, decoder weights and the LM head see target tokens). Decoding
+memory bandwidth = bytes that must be read per new token (every matmul weight, plus the KV cache up to the current
+length, plus T5's cross-attention K/V) / seconds of the whole generate call; the prefill is in the time, so this is
+a lower bound. Both are set against peaks measured at start: a large matmul (bf16 on CUDA, fp32 on CPU) and a large
+device copy (read + write bytes).
+
+CUDA runs bf16: training under bf16 autocast with fp32 weights (as train.py does), generation with bf16 weights. CPU
+runs fp32 (no native bf16 matmul on most CPUs). Both sides use torch's fused (one-pass) AdamW, on CPU too.
+
+Shapes: --full=1 or DEVICE=cuda uses exactly the issue's shapes (training batch 8, input 256, target 64; generation
+batch 1/8/32, prompt 200, 128 new tokens). The default CPU run must finish in 10 minutes on a 2-core machine, so
+its repetition counts are small for the big cases, flan-t5-base training uses batch 4 (tokens/s is per token),
+the TinyLLM step 3 x 4 rows, the generation warm-up decodes 4 tokens, and a time budget (--budget_s, 540 s) cuts
+repetitions (never below one) when the machine is slower than planned. Every entry names its shapes and reports
+the repetitions it ran. --quick=1 runs tiny configs in seconds (the smoke test in
+tests/test_bench.py); its numbers mean nothing.
+
+Not a test: pytest does not collect this file (no test_ prefix). transformers is a bench/test-only dependency.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # flat scripts: t5.py and llama.py live in the repo root
+
+import llama  # noqa: E402
+import t5  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = "out"  # bench.json goes here
+    quick: int = 0  # 1: tiny configs, one repetition; seconds (smoke test)
+    full: int = 0  # 1: the issue's shapes and repetitions on CPU too (far longer than 10 minutes)
+    reps: int = 0  # timed repetitions per implementation; 0: per-case default
+    threads: int = 0  # torch intra-op threads; 0: torch's default (1 with --quick=1)
+    only: str = ""  # run only cases whose name contains this
+    profile: int = 0  # 1: also write a torch.profiler table per case and implementation to OUT/profile/
+    budget_s: int = -1  # seconds for the whole run; cases cut repetitions to fit; 0: none; -1: 540 for the
+    #                     default CPU run (`make bench` must finish in 10 minutes), none otherwise
+
+
+def parse_flags(argv: list[str]) -> BenchConfig:
+    types = {f.name: f.type for f in fields(BenchConfig)}
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise SystemExit(f"bench.py: {arg!r}: flags are --key=value")
+        if key not in types:
+            raise SystemExit(f"bench.py: unknown flag --{key} (known: {', '.join('--' + k for k in types)})")
+        if types[key] in ("int", int):
+            if value == "":
+                continue  # empty means default, as in the Makefile
+            try:
+                values[key] = int(value)
+            except ValueError:
+                raise SystemExit(f"bench.py: --{key}={value!r} is not an integer") from None
+        else:
+            values[key] = value
+    return BenchConfig(**values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model shapes, written out as config.json dicts (random weights: nothing is downloaded)
+
+FLAN_T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_layers=8,
+                     num_decoder_layers=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+                     layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+FLAN_T5_BASE = {**FLAN_T5_SMALL, "d_model": 768, "d_ff": 2048, "num_heads": 12, "num_layers": 12,
+                "num_decoder_layers": 12}
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+TINY_T5 = {**FLAN_T5_SMALL, "vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_heads": 4,
+           "num_layers": 2, "num_decoder_layers": 2, "relative_attention_max_distance": 32}
+TINY_LLAMA = {**SMOLLM2_135M, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring one call: wall time and the peak memory it adds
+
+
+_libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def cpu_peak_supported() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_kib("VmHWM")
+        return _libc is not None
+    except OSError:
+        return False
+
+
+class Meter:
+    """Runs a call and returns (seconds, peak bytes it added or None). See the module docstring for the method."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.memory = device.type == "cuda" or cpu_peak_supported()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, int | None]:
+        gc.collect()
+        if self.device.type == "cuda":
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        elif self.memory:
+            _libc.malloc_trim(0)  # freed heap pages back to the OS, so RSS is the live set
+            before = _proc_status_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        seconds = time.perf_counter() - start
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+        elif self.memory:
+            peak = _proc_status_kib("VmHWM") * 1024 - before
+        else:
+            peak = None
+        return seconds, peak
+
+
+@dataclass
+class Case:
+    """One comparison: two zero-argument callables doing the same work, and what a call amounts to."""
+    name: str
+    unit: str  # of the speed: "tokens/s" or "new tokens/s"
+    work: float  # tokens per call
+    ours: Callable[[], object]
+    theirs: Callable[[], object]
+    reps: int
+    baseline: str  # what the "transformers" column ran
+    shapes: dict
+    warmup: Callable[[], object] | None = None  # one call of each side, excluded; None: a full call
+    flops: float = 0.0  # per call (training)
+    bytes_read: float = 0.0  # per call (decoding)
+    extra: dict = field(default_factory=dict)
+
+
+def time_case(case: Case, meter: Meter, budget_s: float) -> dict:
+    """Warm-up, then up to case.reps interleaved repetitions; fewer (at least one) when the first pair of calls
+    shows that case.reps would not fit in budget_s (0: no limit). case.reps is set to the count run."""
+    start = time.perf_counter()
+    if case.warmup is not None:
+        case.warmup()
+    else:
+        case.ours()
+        case.theirs()
+    meter.sync()
+    times = {"ours": [], "theirs": []}
+    peaks = {"ours": [], "theirs": []}
+    load_before = os.getloadavg()
+    reps = case.reps
+    for r in range(case.reps):
+        if r == 1 and budget_s:
+            pair = times["ours"][0] + times["theirs"][0]
+            reps = max(1, min(case.reps, int((budget_s - (time.perf_counter() - start)) // pair) + 1))
+        if r >= reps:
+            break
+        order = ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")  # alternate who goes first
+        for who in order:
+            seconds, peak = meter(getattr(case, who))
+            times[who].append(seconds)
+            if peak is not None:
+                peaks[who].append(peak)
+    case.reps = reps
+    return {"times": times, "peaks": peaks, "load": [load_before[0], os.getloadavg()[0]]}
+
+
+def profile_case(case: Case, folder: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    slug = "".join(c if c.isalnum() else "-" for c in case.name).strip("-")
+    for who in ("ours", "theirs"):
+        with profile(activities=activities, record_shapes=True) as prof:
+            getattr(case, who)()
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=40)
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25)
+        (folder / f"{slug}-{who}.txt").write_text(f"{case.name} ({who})\n\n{table}\n\nby input shape\n\n{by_shape}\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models on the same weights
+
+
+def transformers_t5(config: dict, device: torch.device) -> nn.Module:
+    """T5ForConditionalGeneration with FLAN-T5's separate LM head. transformers 5 builds T5 with the head tied to
+    the embedding whatever the config says (it unties only when loading a checkpoint with a distinct
+    lm_head.weight, as the hub's flan-t5 files have), so the head is untied here by hand."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(**config))
+    if not config["tie_word_embeddings"]:
+        model.lm_head.weight = nn.Parameter(model.shared.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model.to(device)
+
+
+def ours_from(theirs: nn.Module, ours: nn.Module) -> nn.Module:
+    """Load transformers' state dict into our model by name (ours keep Hugging Face's names); strict, apart from
+    transformers' aliases of the shared embedding."""
+    state = theirs.state_dict()
+    expected = ours.state_dict().keys()
+    aliases = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"} - set(expected)
+    unexpected = set(state) - set(expected) - aliases
+    assert not unexpected, f"transformers keys our model lacks: {sorted(unexpected)}"
+    ours.load_state_dict({k: state[k] for k in expected}, strict=True)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    assert n_ours == n_theirs, f"parameter counts differ: ours {n_ours} vs transformers {n_theirs}"
+    return ours
+
+
+def linear_params(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def t5_head_params(config: dict) -> int:
+    return config["vocab_size"] * config["d_model"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Training steps
+
+
+def t5_batch(config: dict, batch: int, input_len: int, target_len: int, device: torch.device,
+             generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random (input_ids, attention_mask, decoder_input_ids, labels); ids avoid pad/eos/unk."""
+    vocab = min(config["vocab_size"], 32000)
+    input_ids = torch.randint(3, vocab, (batch, input_len), generator=generator).to(device)
+    labels = torch.randint(3, vocab, (batch, target_len), generator=generator).to(device)
+    return input_ids, torch.ones_like(input_ids), t5.shift_right(labels).to(device), labels
+
+
+def train_flops(config: dict, ours: t5.T5, batch: int, input_len: int, target_len: int) -> float:
+    """FLOPs of one training step on (batch, input_len) -> (batch, target_len): 3 x the forward's (the backward
+    costs two forwards), counting matmuls only: 2 x weights x tokens through them, plus attention's QK^T and AV."""
+    inner = config["num_heads"] * config["d_kv"]
+    weights = (linear_params(ours.encoder) * input_len
+               + (linear_params(ours.decoder) + t5_head_params(config)) * target_len)
+    attention = 2 * inner * (config["num_layers"] * input_len * input_len
+                             + config["num_decoder_layers"] * target_len * (target_len + input_len))
+    return 3 * 2 * batch * (weights + attention)
+
+
+def train_case(name: str, config: dict, batch: int, input_len: int, target_len: int, reps: int,
+               device: torch.device, bf16: bool) -> Case:
+    torch.manual_seed(0)
+    theirs = transformers_t5(config, device).train()
+    ours = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config)).to(device)).train()
+    generator = torch.Generator().manual_seed(0)
+    input_ids, mask, decoder_input_ids, labels = t5_batch(config, batch, input_len, target_len, device, generator)
+    fused = True  # one-pass AdamW kernel, on CPU too (torch >= 2.4); both sides run the same optimizer
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, fused=fused)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5, fused=fused)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+    def step_ours() -> None:
+        with autocast():
+            loss = t5.cross_entropy(ours(input_ids, mask, decoder_input_ids), labels)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_theirs() -> None:
+        with autocast():
+            logits = theirs(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+            loss = t5.cross_entropy(logits, labels)
+        loss.backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    return Case(name, "tokens/s", batch * (input_len + target_len), step_ours, step_theirs, reps,
+                baseline=f"transformers T5ForConditionalGeneration ({theirs.config._attn_implementation})",
+                shapes=dict(batch=batch, input=input_len, target=target_len),
+                flops=train_flops(config, ours, batch, input_len, target_len))
+
+
+def tinyllm_case(name: str, config: dict, batch: int, input_len: int, reps: int, device: torch.device,
+                 bf16: bool) -> Case:
+    """Eq. 2 with two teachers: L = w_0 L_answer + w_1 L_rationale_1 + w_2 L_rationale_2, each L the mean token
+    cross-entropy of its task. Ours: the 3B rows in one forward (targets padded to the longest), per-task sums by
+    row index (as train.py's micro_batch_loss). Official way: one forward per task, losses summed. One backward and
+    one AdamW step either way; the two variants train two copies of the same weights."""
+    torch.manual_seed(0)
+    fused_model = t5.T5(t5.T5Config.from_hf_config(config)).to(device).train()
+    split_model = t5.T5(t5.T5Config.from_hf_config(config)).to(device).train()
+    split_model.load_state_dict(fused_model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    target_lens = [16, 64, 64]  # answer, rationale of teacher 1, rationale of teacher 2
+    weights = torch.tensor([1.0, 0.5, 0.5], device=device)
+    tasks = [t5_batch(config, batch, input_len, n, device, generator) for n in target_lens]
+    width = max(target_lens)
+    padded = [torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100) for *_, labels in tasks]
+    all_ids = torch.cat([ids for ids, *_ in tasks])  # (3B, T_in)
+    all_mask = torch.cat([m for _, m, *_ in tasks])
+    all_labels = torch.cat(padded)  # (3B, T_max)
+    all_decoder_ids = t5.shift_right(all_labels)
+    row_task = torch.arange(len(tasks), device=device).repeat_interleave(batch)  # (3B,)
+    task_tokens = torch.tensor([batch * n for n in target_lens], dtype=torch.float32, device=device)
+    fused = True  # one-pass AdamW kernel, on CPU too (torch >= 2.4); both sides run the same optimizer
+    opt_fused = torch.optim.AdamW(fused_model.parameters(), lr=1e-5, fused=fused)
+    opt_split = torch.optim.AdamW(split_model.parameters(), lr=1e-5, fused=fused)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+    def step_fused() -> None:
+        with autocast():
+            logits = fused_model(all_ids, all_mask, all_decoder_ids)  # (3B, T_max, V)
+            token_losses = F.cross_entropy(logits.float().flatten(0, 1), all_labels.flatten(), ignore_index=-100,
+                                           reduction="none").view(all_labels.shape)
+            task_sums = torch.zeros(len(tasks), device=device).index_add_(0, row_task, token_losses.sum(1))
+            loss = (weights * task_sums / task_tokens).sum()
+        loss.backward()
+        opt_fused.step()
+        opt_fused.zero_grad(set_to_none=True)
+
+    def step_split() -> None:
+        with autocast():
+            loss = sum(w * t5.cross_entropy(split_model(ids, m, d), labels)
+                       for w, (ids, m, d, labels) in zip(weights, tasks))
+        loss.backward()
+        opt_split.step()
+        opt_split.zero_grad(set_to_none=True)
+
+    flops = train_flops(config, fused_model, len(tasks) * batch, input_len, width)
+    flops_three_forwards = sum(train_flops(config, fused_model, batch, input_len, n) for n in target_lens)
+    return Case(name, "tokens/s", batch * (len(tasks) * input_len + sum(target_lens)), step_fused, step_split, reps,
+                baseline="t5.T5, three forwards, losses summed (the official implementation's way)",
+                shapes=dict(batch_per_task=batch, input=input_len, targets=target_lens), flops=flops,
+                extra=dict(flops_three_forwards=flops_three_forwards))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Generation
+
+
+def llama_generation_case(name: str, config: dict, batch: int, prompt_len: int, new_tokens: int, reps: int,
+                          device: torch.device, dtype: torch.dtype, static: bool, warmup_tokens: int) -> Case:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    theirs = LlamaForCausalLM(LlamaConfig(**config)).to(device, dtype).eval()
+    ours = ours_from(theirs, llama.Llama(llama.LlamaConfig.from_hf_config(config))).to(device, dtype).eval()
+    theirs.generation_config.eos_token_id = None  # exactly `new_tokens` for every row
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, config["vocab_size"], (batch, prompt_len), generator=generator).to(device)
+    mask = torch.ones_like(input_ids)
+    outputs = {}
+
+    def ours_generate(n: int = new_tokens) -> None:
+        outputs["ours"] = ours.generate(input_ids, mask, n, eos_ids=[])
+
+    def theirs_generate(n: int = new_tokens) -> None:
+        with torch.inference_mode():
+            out = theirs.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n,
+                                  do_sample=False, eos_token_id=None, pad_token_id=config["pad_token_id"],
+                                  **({"cache_implementation": "static"} if static else {}))
+        outputs["theirs"] = out[:, prompt_len:]
+
+    kv_bytes_per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * config["head_dim"]
+    element = torch.finfo(dtype).bits // 8
+    weights = linear_params(ours) * element  # the tied head counts once, as the LM head matmul
+    context = sum(prompt_len + t for t in range(new_tokens))
+    bytes_read = new_tokens * weights + batch * kv_bytes_per_token * element * context
+    case = Case(name, "new tokens/s", batch * new_tokens, ours_generate, theirs_generate, reps,
+                baseline=f"transformers LlamaForCausalLM.generate ({theirs.config._attn_implementation}, "
+                         f"{'static' if static else 'dynamic'} cache)",
+                shapes=dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens), bytes_read=bytes_read)
+    case.extra["outputs"] = outputs
+    case.warmup = lambda: (ours_generate(warmup_tokens), theirs_generate(warmup_tokens))
+    return case
+
+
+def t5_generation_case(name: str, config: dict, batch: int, prompt_len: int, new_tokens: int, reps: int,
+                       device: torch.device, dtype: torch.dtype, static: bool, warmup_tokens: int) -> Case:
+    torch.manual_seed(0)
+    theirs = transformers_t5(config, device).to(dtype).eval()
+    ours = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config))).to(device, dtype).eval()
+    theirs.generation_config.eos_token_id = None
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, min(config["vocab_size"], 32000), (batch, prompt_len), generator=generator).to(device)
+    mask = torch.ones_like(input_ids)
+    outputs = {}
+
+    def ours_generate(n: int = new_tokens) -> None:
+        outputs["ours"] = ours.generate(input_ids, mask, n, eos_id=-1)
+
+    def theirs_generate(n: int = new_tokens) -> None:
+        with torch.inference_mode():
+            out = theirs.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=n,
+                                  do_sample=False, eos_token_id=None,
+                                  **({"cache_implementation": "static"} if static else {}))
+        outputs["theirs"] = out[:, 1:]  # drop the decoder start token
+
+    element = torch.finfo(dtype).bits // 8
+    inner = config["num_heads"] * config["d_kv"]
+    layers = config["num_decoder_layers"]
+    # cross-attention k/v weights are applied once, to the encoder output, not per new token
+    weights = (linear_params(ours.decoder) - layers * 2 * config["d_model"] * inner + t5_head_params(config)) * element
+    self_context = sum(t + 1 for t in range(new_tokens))
+    bytes_read = (new_tokens * weights
+                  + batch * 2 * layers * inner * element * (self_context + new_tokens * prompt_len))
+    case = Case(name, "new tokens/s", batch * new_tokens, ours_generate, theirs_generate, reps,
+                baseline=f"transformers T5ForConditionalGeneration.generate ({theirs.config._attn_implementation}, "
+                         f"{'static' if static else 'dynamic'} cache)",
+                shapes=dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens), bytes_read=bytes_read)
+    case.extra["outputs"] = outputs
+    case.warmup = lambda: (ours_generate(warmup_tokens), theirs_generate(warmup_tokens))
+    return case
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan: which cases, at which shapes and repetition counts
+
+
+@dataclass
+class Plan:
+    name: str
+    build: Callable[[], Case]
+
+
+def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
+    cuda = device.type == "cuda"
+    bf16 = cuda
+    dtype = torch.bfloat16 if cuda else torch.float32
+    full = cfg.full or cuda
+    plan: list[Plan] = []
+
+    def reps(cuda_reps: int, cpu_reps: int) -> int:
+        return cfg.reps or (1 if cfg.quick else (cuda_reps if cuda else cpu_reps))
+
+    if cfg.quick:
+        small, base, smol = TINY_T5, TINY_T5, TINY_LLAMA
+        train_shapes = dict(batch=2, input_len=16, target_len=8)
+        t5_sizes = [("small", small, 2)]
+        prompt, new_tokens, batches = 12, 6, [1, 4]
+    else:
+        small, base, smol = FLAN_T5_SMALL, FLAN_T5_BASE, SMOLLM2_135M
+        train_shapes = dict(batch=8, input_len=256, target_len=64)
+        t5_sizes = [("flan-t5-small", small, 8), ("flan-t5-base", base, 8 if full else 4)]
+        prompt, new_tokens, batches = 200, 128, [1, 8, 32]
+    shapes = train_shapes
+
+    # 1. training
+    for label, config, batch in t5_sizes:
+        n = reps(10, 3 if label.endswith("small") else 2)
+        name = f"train {label} b{batch} in{shapes['input_len']} tgt{shapes['target_len']}"
+        plan.append(Plan(name, lambda name=name, config=config, batch=batch, n=n: train_case(
+            name, config, batch, shapes["input_len"], shapes["target_len"], n, device, bf16)))
+    tiny_batch = shapes["batch"] if full or cfg.quick else 4
+    label = "small" if cfg.quick else "flan-t5-small"
+    name = f"tinyllm step {label} 2 teachers 3x{tiny_batch} in{shapes['input_len']} fused vs 3 forwards"
+    plan.append(Plan(name, lambda name=name: tinyllm_case(name, small, tiny_batch, shapes["input_len"],
+                                                          reps(10, 2), device, bf16)))
+
+    # 2. generation: (cuda reps, cpu reps) per batch; CPU batch 32 is the expensive one
+    cpu_reps = {1: 3, 8: 2, 32: 1, 4: 1}
+    # the warm-up runs the prefill and a few decode steps at the measured shapes: on CUDA the whole call (caching
+    # allocator, kernels), on CPU a short one (the full calls at batch 32 take most of a minute)
+    warmup_tokens = new_tokens if full else 4
+    statics = [False, True] if cuda else [False]
+    for kind, config, build in (("smollm2-135m", smol, llama_generation_case), ("flan-t5-base", base,
+                                                                               t5_generation_case)):
+        label = kind if not cfg.quick else f"tiny-{kind.split('-')[0]}"
+        for batch in batches:
+            for static in statics:
+                suffix = " (transformers static cache)" if static else ""
+                name = f"generate {label} b{batch} prompt{prompt} new{new_tokens}{suffix}"
+                n = reps(10 if batch < 32 else 5, cpu_reps[batch])
+                plan.append(Plan(name, lambda name=name, config=config, build=build, batch=batch, n=n, static=static:
+                                 build(name, config, batch, prompt, new_tokens, n, device, dtype, static,
+                                       warmup_tokens)))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------
+# Device peaks
+
+
+def measure_peaks(device: torch.device, quick: bool) -> dict:
+    """Achievable peaks on this device: a big matmul's FLOP/s and a big copy's bytes/s (read + write)."""
+    cuda = device.type == "cuda"
+    n = 256 if quick else (8192 if cuda else 2048)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    copy_src = torch.empty((2**28 if cuda else 2**26) if not quick else 2**20, dtype=torch.uint8, device=device)
+    copy_src.fill_(1)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+
+    def best(fn: Callable[[], object], reps: int) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    matmul = best(lambda: a @ b, 10 if cuda else 3)
+    copy = best(lambda: copy_src.clone(), 10 if cuda else 3)
+    return {"matmul_flops_per_s": 2 * n**3 / matmul, "matmul": f"{n}x{n} {str(dtype).removeprefix('torch.')}",
+            "copy_bytes_per_s": 2 * copy_src.numel() / copy, "copy_bytes": copy_src.numel()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def summarize(case: Case, timing: dict, device: torch.device, peaks: dict) -> list[dict]:
+    entries = []
+    speed = {who: [case.work / s for s in timing["times"][who]] for who in ("ours", "theirs")}
+    med = {who: statistics.median(v) for who, v in speed.items()}
+    common = dict(device=str(device), reps=case.reps, baseline=case.baseline,
+                  shapes=case.shapes, load=timing["load"])
+    entry = dict(name=case.name, ours=med["ours"], transformers=med["theirs"], ratio=med["ours"] / med["theirs"],
+                 unit=case.unit, ours_spread=[min(speed["ours"]), max(speed["ours"])],
+                 transformers_spread=[min(speed["theirs"]), max(speed["theirs"])], **common)
+    outputs = case.extra.get("outputs")
+    if outputs:
+        a, b = outputs.get("ours"), outputs.get("theirs")
+        assert a is not None and b is not None and a.shape == b.shape, (
+            f"{case.name}: expected both to produce {case.shapes['new_tokens']} tokens per row, got "
+            f"{None if a is None else tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
+        entry["same_tokens"] = bool(torch.equal(a.cpu(), b.cpu()))
+    if "flops_three_forwards" in case.extra:
+        entry["flops_three_forwards"] = case.extra["flops_three_forwards"]
+    entries.append(entry)
+    if timing["peaks"]["ours"] and timing["peaks"]["theirs"]:
+        mem = {who: max(timing["peaks"][who]) / 2**20 for who in ("ours", "theirs")}
+        entries.append(dict(name=f"{case.name} | peak memory", ours=mem["ours"], transformers=mem["theirs"],
+                            ratio=mem["ours"] / mem["theirs"] if mem["theirs"] > 0 else math.nan, unit="MiB",
+                            method=("cuda max_memory_allocated" if device.type == "cuda"
+                                    else "peak RSS (VmHWM after clear_refs) - RSS before"), **common))
+    if case.flops:
+        # The three-forward baseline does fewer FLOPs (no padding of the answer targets): each side its own count.
+        their_flops = case.extra.get("flops_three_forwards", case.flops)
+        achieved = {"ours": case.flops * med["ours"] / case.work / 1e9, "theirs": their_flops * med["theirs"] / case.work / 1e9}
+        peak = peaks["matmul_flops_per_s"] / 1e9
+        entries.append(dict(name=f"{case.name} | achieved FLOP/s", ours=achieved["ours"],
+                            transformers=achieved["theirs"], ratio=achieved["ours"] / achieved["theirs"],
+                            unit="GFLOP/s", ours_of_peak=achieved["ours"] / peak,
+                            transformers_of_peak=achieved["theirs"] / peak, peak=peak, **common))
+    if case.bytes_read:
+        achieved = {who: case.bytes_read * med[who] / case.work / 1e9 for who in ("ours", "theirs")}
+        peak = peaks["copy_bytes_per_s"] / 1e9
+        entries.append(dict(name=f"{case.name} | achieved bandwidth", ours=achieved["ours"],
+                            transformers=achieved["theirs"], ratio=achieved["ours"] / achieved["theirs"],
+                            unit="GB/s", ours_of_peak=achieved["ours"] / peak,
+                            transformers_of_peak=achieved["theirs"] / peak, peak=peak, **common))
+    return entries
+
+
+def fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def table(entries: list[dict]) -> str:
+    rows = [("benchmark", "ours", "transformers", "ours/transformers", "unit", "reps")]
+    for e in entries:
+        ours, theirs = fmt(e["ours"]), fmt(e["transformers"])
+        if "ours_spread" in e:
+            ours += f" [{fmt(e['ours_spread'][0])}-{fmt(e['ours_spread'][1])}]"
+            theirs += f" [{fmt(e['transformers_spread'][0])}-{fmt(e['transformers_spread'][1])}]"
+        if "ours_of_peak" in e:
+            ours += f" ({e['ours_of_peak']:.0%} of peak)"
+            theirs += f" ({e['transformers_of_peak']:.0%})"
+        ratio = f"{e['ratio']:.2f}x" + (" (lower is better)" if e["unit"] == "MiB" else "")
+        rows.append((e["name"], ours, theirs, ratio, e["unit"], str(e["reps"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device, cfg: BenchConfig) -> dict:
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, cpu=cpu, cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), device=str(device), quick=bool(cfg.quick),
+                full=bool(cfg.full or device.type == "cuda"), loadavg_start=os.getloadavg())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> list[dict]:
+    cfg = parse_flags(argv)
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"bench.py: --device={cfg.device!r}: expected auto, cpu or cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py: --device=cuda but torch sees no CUDA device")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if cfg.threads or cfg.quick:
+        # Quick mode's tiny shapes gain nothing from threads, and on a loaded machine OpenMP threads waiting
+        # for each other at every op make it 10x slower: one thread keeps the smoke test at a few seconds.
+        torch.set_num_threads(cfg.threads or 1)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    info = machine_info(device, cfg)
+    peaks = measure_peaks(device, bool(cfg.quick))
+    info["peaks"] = peaks
+    print(f"bench on {info.get('gpu', info['cpu'])} ({device}, {info['torch_threads']} threads), torch {torch.__version__}, "
+          f"transformers {info['transformers']}, load average {os.getloadavg()[0]:.2f}; peaks: matmul "
+          f"{peaks['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    meter = Meter(device)
+    if not meter.memory:
+        print("peak memory: not measurable here (no /proc/self/clear_refs); memory rows are left out", flush=True)
+    entries: list[dict] = []
+    plans = [p for p in make_plan(cfg, device) if not cfg.only or cfg.only in p.name]
+    budget = cfg.budget_s if cfg.budget_s >= 0 else (540 if device.type == "cpu" and not (cfg.full or cfg.quick) else 0)
+    for i, plan in enumerate(plans):
+        case_start = time.perf_counter()
+        case_budget = max(budget - (case_start - start), 1.0) / (len(plans) - i) if budget else 0.0
+        case = plan.build()
+        timing = time_case(case, meter, case_budget)
+        new = summarize(case, timing, device, peaks)
+        entries += new
+        if cfg.profile:
+            profile_case(case, out / "profile")
+        del case
+        gc.collect()
+        for e in new:
+            print(f"{e['name']}: ours {fmt(e['ours'])} vs transformers {fmt(e['transformers'])} {e['unit']} "
+                  f"({e['ratio']:.2f}x)", flush=True)
+        print(f"  [{time.perf_counter() - case_start:.0f}s, {new[0]['reps']} reps, load "
+              f"{timing['load'][0]:.2f}->{timing['load'][1]:.2f}]", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+    info["seconds"] = time.perf_counter() - start
+    report = dict(machine=info, entries=entries)
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(entries))
+    print(f"\n{len(entries)} entries in {info['seconds']:.0f}s, load average {info['loadavg_start'][0]:.2f} at start, "
+          f"{info['loadavg_end'][0]:.2f} at end -> {out / 'bench.json'}")
+    return entries
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
