@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import data
-from train import accuracy, bf16_supported, load_student, parse_flags, predict, resolve_device
+from tinyllm import parse_flags, resolve_device
+from train import accuracy, bf16_supported, load_student, predict
 
 
 @dataclass
@@ -67,7 +68,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for split in splits:
         if split not in data.SPLITS:
             raise SystemExit(f"--splits: unknown split {split!r} (splits: {', '.join(data.SPLITS)})")
-    device = resolve_device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
     student = load_student(cfg.model, device, bool(cfg.bf16), dtype)

@@ -43,8 +43,9 @@ import t5
 
 # ---- files: atomic writes ---------------------------------------------------------------------
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list, so that a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -59,7 +60,7 @@ def atomic_write(path: Path, content: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 # ---- models: hub download and loading ---------------------------------------------------------
@@ -191,21 +192,15 @@ def download_file(session: requests.Session, url: str, dest: Path, required: boo
         if expected is not None and size != expected:
             problem = f"{url} ended after {size} of {expected} bytes"
             continue  # the next attempt resumes from here
-        if sha256 is not None and file_sha256(part) != sha256:
+        if sha256 is not None and data.file_sha256(part) != sha256:
             part.unlink()
             raise ValueError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
         os.replace(part, dest)
-        fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         return True
     raise ValueError(f"{what}: download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {problem}")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32,
@@ -591,8 +586,11 @@ def parse_teachers(spec: str) -> list[tuple[str, str]]:
 
 
 def resolve_device(device: str) -> str:
-    if device == "auto":
+    """--device: "auto" (or empty) is CUDA when there is one, else the CPU."""
+    if device in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device={device}: CUDA is not available on this machine")
     return device
 
 

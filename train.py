@@ -41,6 +41,7 @@ import data
 import prompts
 import t5
 import tinyllm
+from tinyllm import format_seconds, fsync_path, parse_flags
 
 METHODS = ("tinyllm", "finetune", "kd", "dss", "lora", "inference")
 ANSWER_TASK = "answer"
@@ -86,24 +87,6 @@ class TrainConfig:
     max_new_tokens: int = 64
 
 
-def parse_flags(cls, argv: list[str]):
-    """`--key=value` into `cls`; an empty value keeps the default; an unknown key is a SystemExit."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: flags are --key=value (known: {', '.join(fields)})")
-        key, value = arg[2:].split("=", 1)
-        if key not in fields:
-            raise SystemExit(f"unknown flag --{key} (known: {', '.join(fields)})")
-        if value == "":
-            continue
-        kind = type(fields[key].default)
-        try:
-            values[key] = kind(value)
-        except ValueError:
-            raise SystemExit(f"--{key}={value!r}: expected {kind.__name__}") from None
-    return cls(**values)
 
 
 def teacher_names(teachers: str) -> list[str]:
@@ -131,12 +114,6 @@ def parse_alpha(alpha: str, names: list[str]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------
 # the student: one class per architecture, the same methods for train.py and eval.py
 
-def resolve_device(flag: str) -> torch.device:
-    if flag in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if flag.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={flag}: CUDA is not available on this machine")
-    return torch.device(flag)
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -553,12 +530,6 @@ def load_adapters(model: nn.Module, adapters: dict[str, Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # checkpoints: RUN/best and RUN/last, each a folder from_pretrained loads, written atomically
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def recover_checkpoint(folder: Path) -> None:
@@ -600,7 +571,7 @@ def save_checkpoint(student: Student, folder: Path, trainer_state: dict | None =
 # distributed (torchrun): NCCL on CUDA, gloo on CPU
 
 def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
-    device = resolve_device(device_flag)
+    device = torch.device(tinyllm.resolve_device(device_flag))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -632,9 +603,6 @@ def valid_accuracy(student: Student, examples: list[data.Example], cfg: TrainCon
 # ---------------------------------------------------------------------------------------------------
 # the loop (nanoT5-like: the step, then maybe_log / maybe_eval / maybe_save)
 
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 @dataclass
@@ -779,7 +747,7 @@ def maybe_log(step_losses: Tensor, progress: Progress, tasks: list[Task], total:
     tokens_per_s = progress.tokens / max(now - progress.log_time, 1e-9)
     eta = (now - start_time) / max(progress.step - start_step, 1) * (total - progress.step)
     log(f"step {progress.step}/{total} | " + " ".join(f"{t.name} {v:.4f}" for t, v in zip(tasks, mean))
-        + f" | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | ETA {format_duration(eta)}", flush=True)
+        + f" | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | ETA {format_seconds(eta)}", flush=True)
     if rank == 0:
         with open(metrics, "a") as f:
             for i, row in enumerate(losses.tolist()):

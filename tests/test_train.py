@@ -288,7 +288,7 @@ def test_flags_are_type_checked():
     assert cfg.lr == 1e-4 and cfg.alpha == "" and cfg.batch_size == 4 and cfg.teacher == ""
     with pytest.raises(SystemExit, match="unknown flag --learning_rate"):
         train.parse_flags(train.TrainConfig, ["--learning_rate=1"])
-    with pytest.raises(SystemExit, match="--batch_size='eight': expected int"):
+    with pytest.raises(SystemExit, match="--batch_size=eight: expected int"):
         train.parse_flags(train.TrainConfig, ["--batch_size=eight"])
     assert train.parse_alpha("b=0.5", ["a", "b"]) == {"a": 1.0, "b": 0.5}
     with pytest.raises(SystemExit, match="not name=weight for a teacher"):
