@@ -62,6 +62,7 @@ class TrainConfig:
     cache: str = "cache"
     out: str = ""  # run folder; default out/<dataset>/<method>
     limit: int = 0  # first N examples of train and valid (0 = all)
+    train_fraction: float = 1.0  # a seeded fraction of train, the paper's Figure 2 (12.5% ... 100%)
     device: str = "auto"
     resume: int = 0  # 1: continue from OUT/last (optimizer, scheduler, data order, RNG)
     # optimisation: the paper's defaults
@@ -631,7 +632,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     limit = cfg.limit or None  # never the test split while training: best is chosen on valid
-    train_examples = data.load_split(cfg.dataset, "train", cfg.data, limit=limit)
+    train_examples = data.train_subset(data.load_split(cfg.dataset, "train", cfg.data), cfg.train_fraction,
+                                       cfg.seed)[:limit]
     valid_examples = data.load_split(cfg.dataset, "valid", cfg.data, limit=limit)
     tasks = build_tasks(cfg, train_examples, log)
     weights = torch.tensor([task.weight for task in tasks], device=device)
@@ -787,7 +789,7 @@ def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, progres
         dist.barrier()
 
 
-RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha", "limit", "batch_size", "epochs",
+RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha", "limit", "train_fraction", "batch_size", "epochs",
                  "seed", "lr", "warmup_steps", "max_input_tokens", "max_target_tokens", "lora_rank", "lora_alpha")
 
 

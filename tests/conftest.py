@@ -34,6 +34,18 @@ def assets() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: one intra-op thread beats OpenMP's fan-out, above all on a busy
+    2-core CI machine (measured: test_t5.py went from ~140 s to ~23 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves `server.root`; `server.hooks[path]` (a callable taking the handler) may answer instead,
     so a test can inject 404s, 500s, truncated bodies or hangs for one path."""

@@ -19,14 +19,6 @@ import train
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI machine spinning threads cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 EXAMPLES = [data.Example("q1", "Which is red?", ("grass", "blood", "sky"), 1),
             data.Example("q2", "Which is cold?", ("ice", "fire"), 0),
             data.Example("q3", "Which swims?", ("fish", "rock", "cat", "dog"), 0),

@@ -55,16 +55,6 @@ def make_checkpoint(folder: Path, name: str, amplify: bool = True) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP spin-waits
-    make every small op slow; restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return {name: make_checkpoint(tmp_path_factory.mktemp(name), name) for name in CONFIGS}

@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 LIMIT = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CI machine spinning threads cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 TEACHERS = ("t1", "t2")
 
 
@@ -335,3 +328,22 @@ def test_checkpoint_survives_a_kill_between_the_renames(tiny_t5, tmp_path, monke
     train.recover_checkpoint(folder)
     assert torch.load(folder / "trainer_state.pt", weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # temp and aside folders gone
+
+
+def test_train_fraction_takes_a_seeded_subset(tiny_t5, tmp_path, data_dir, cache_dir, monkeypatch):
+    """The paper's Figure 2: --train_fraction trains on a seeded subset of train, then --limit applies."""
+    seen = []
+
+    def capture(cfg, examples, log=print):
+        seen.append(examples)
+        raise StopIteration  # the examples are all this test needs
+
+    monkeypatch.setattr(train, "build_tasks", capture)
+    full = data.load_split("obqa", "train", data_dir)
+    for fraction, limit in [(0.25, 0), (0.125, 0), (0.25, 7)]:
+        with pytest.raises(StopIteration):
+            train.train(config(tiny_t5, tmp_path, data_dir, cache_dir, train_fraction=fraction, limit=limit))
+    quarter, eighth, first7 = seen
+    assert len(quarter) == round(0.25 * len(full)) and len(eighth) == round(0.125 * len(full))
+    assert set(eighth) < set(quarter) < set(full)  # nested: smaller fractions are subsets of larger ones
+    assert first7 == quarter[:7]
