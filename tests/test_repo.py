@@ -1,9 +1,11 @@
 """The foundation's contracts: runtime dependencies, the Makefile's interface, the user's layout."""
 import ast
+import json
+import os
 import re
 import subprocess
 
-from conftest import REPO
+from conftest import REPO, make_tiny_t5
 
 RUNTIME_SCRIPTS = ["tinyllm.py", "t5.py", "llama.py", "data.py", "prompts.py", "train.py", "eval.py"]
 RUNTIME_PACKAGES = {"torch", "sentencepiece", "safetensors", "numpy", "requests"}
@@ -69,3 +71,28 @@ def test_readme_starts_with_the_main_job_and_the_tests():
     commands = [l for l in lines if l.startswith("make ")][:2]
     assert commands[0].startswith("make all"), commands
     assert commands[1].startswith("make test"), commands
+
+
+def test_make_all_main_job_with_the_default_student_from_a_loopback_hub(tmp_path, assets, serve_folder):
+    """The README's first command, `make all`, as a fresh user runs it: the default STUDENT
+    (google/flan-t5-small) comes from a hub (here a loopback server laid out as
+    /{repo}/resolve/{revision}/{file}, holding tiny random weights), the datasets from the release URL
+    (the assets on another loopback server), the teachers are the paper's released rationales."""
+    hub = tmp_path / "hub"
+    repo = hub / "google" / "flan-t5-small" / "resolve" / "main"
+    repo.mkdir(parents=True)
+    make_tiny_t5(repo, assets / "t5_tokenizer" / "spiece.model")
+    hub_server, data_server = serve_folder(hub), serve_folder(assets / "tinyllm_release")
+    env = {**os.environ, "HF_ENDPOINT": hub_server.url, "TINYLLM_DATA_URL": data_server.url,
+           "TINYLLM_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["make", "--no-print-directory", "all", "LIMIT=4", "DEVICE=cpu", f"DATA={tmp_path / 'data'}",
+                          f"CACHE={tmp_path / 'cache'}", f"OUT={tmp_path / 'out'}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert any(p.endswith("/google/flan-t5-small/resolve/main/model.safetensors") for p in hub_server.requests)
+    for teacher in ("flan-t5-xl", "llama-2"):
+        assert len((tmp_path / "cache" / "obqa" / f"{teacher}.jsonl").read_text().splitlines()) == 4
+    run = tmp_path / "out" / "obqa" / "tinyllm"
+    assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "spiece.model").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert results["test"]["n"] == 4 and results["method"] == "tinyllm"
