@@ -32,6 +32,7 @@ import os
 import shutil
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +149,12 @@ LOCK_NAME = ".download.lock"  # in the data folder: serialises downloads between
 
 
 class DownloadError(RuntimeError):
-    """A release file could not be fetched or failed its checksum; the message names file and URL."""
+    """A file could not be fetched or failed its checksum; the message names file and URL. `status`
+    is the HTTP status when the server answered with an error, else None."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class _NotFound(DownloadError):
@@ -227,43 +233,49 @@ def _copy_local(src: Path, part: Path, url: str, rel: str) -> None:
         os.fsync(fout.fileno())
 
 
-def _http_get(url: str, part: Path, rel: str) -> bool:
-    """Stream `url` into `part`, resuming a leftover .part with a Range request. Returns whether the
-    bytes already in `part` were kept (a resume)."""
+def http_download(url: str, part: Path, what: str,
+                  session: requests.Session | None = None) -> tuple[bool, Mapping[str, str]]:
+    """Stream `url` into `part`, resuming a leftover `part` with a Range request. Returns (whether the
+    bytes already in `part` were kept, the response headers). Raises DownloadError naming `what` and
+    the URL (_NotFound for a 404); `part` keeps what arrived, so a later call resumes it. Shared by the
+    dataset files here and the hub checkpoints in tinyllm.py."""
     offset = part.stat().st_size if part.exists() else 0
     # identity: Content-Length and Range must count the bytes we store, not gzip-compressed ones
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        with requests.get(url, headers=headers, stream=True, timeout=(15, 60)) as response:
+        with (session or requests).get(url, headers=headers, stream=True, timeout=(15, 60)) as response:
             if response.status_code == 416:  # the .part is not a prefix we can extend: start over
                 part.unlink()
-                return _http_get(url, part, rel)
+                return http_download(url, part, what, session)
             if response.status_code == 404:
-                raise _NotFound(f"{rel}: HTTP 404 from {url}")
+                raise _NotFound(f"{what}: HTTP 404 from {url}", 404)
             if response.status_code not in (200, 206):
-                raise DownloadError(f"{rel}: HTTP {response.status_code} {response.reason} from {url}")
+                raise DownloadError(f"{what}: HTTP {response.status_code} {response.reason} from {url}",
+                                    response.status_code)
             resumed = response.status_code == 206
             if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-                raise DownloadError(f"{rel}: bad Content-Range {response.headers.get('Content-Range')!r} "
+                part.unlink()  # a server that resumes elsewhere: the next attempt starts from byte 0
+                raise DownloadError(f"{what}: bad Content-Range {response.headers.get('Content-Range')!r} "
                                     f"for Range bytes={offset}- from {url}")
             expected = response.headers.get("Content-Length")
             expected = int(expected) if expected and "Content-Encoding" not in response.headers else None
             received = 0
             with open(part, "ab" if resumed else "wb") as f:
+                # small chunks: a connection that breaks loses at most one, the rest is resumed
                 for chunk in response.iter_content(1 << 16):
                     f.write(chunk)
                     received += len(chunk)
                 f.flush()
                 os.fsync(f.fileno())
     except requests.RequestException as e:  # connection reset, IncompleteRead, timeouts
-        raise DownloadError(f"{rel}: download from {url} failed: {e}") from e
+        raise DownloadError(f"{what}: download from {url} failed: {e}") from e
     if expected is not None and received != expected:
-        raise DownloadError(f"{rel}: truncated body from {url}: got {received} of {expected} bytes")
+        raise DownloadError(f"{what}: truncated body from {url}: got {received} of {expected} bytes")
     if offset and resumed:
-        log.info("resumed %s at byte %d from %s", rel, offset, url)
-    return resumed
+        log.info("resumed %s at byte %d from %s", what, offset, url)
+    return resumed, response.headers
 
 
 def _fetch_one(rel: str, dest: Path, base: str) -> None:
@@ -278,7 +290,7 @@ def _fetch_one(rel: str, dest: Path, base: str) -> None:
                 _copy_local(local / rel, part, url, rel)
                 resumed = False
             else:
-                resumed = _http_get(url, part, rel)
+                resumed, _ = http_download(url, part, rel)
             problem = checksum_problem(part, rel)
         except DownloadError:
             part.unlink(missing_ok=True)  # no partial file left behind an error we can see

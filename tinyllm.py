@@ -141,57 +141,28 @@ def expected_sha256(headers: typing.Mapping[str, str]) -> str | None:
 
 
 def download_file(session: requests.Session, url: str, dest: Path, required: bool, what: str) -> bool:
-    """Stream `url` into `dest` through `dest.part`, resuming a partial `.part` with a Range request;
-    os.replace makes the file appear only when complete. False for a 404 on an optional file."""
+    """`url` into `dest` through data.http_download (a `.part` file resumed with Range requests);
+    os.replace makes the file appear only when complete. Connection errors, truncated bodies and 5xx
+    are retried, resuming where the last attempt stopped. False for a 404 on an optional file."""
     if dest.exists():  # an interrupted snapshot: files that exist are complete
         return True
     part = dest.with_name(dest.name + ".part")
-    problem = ""
     for attempt in range(DOWNLOAD_ATTEMPTS):
         if attempt:
             time.sleep(0.5 * 2 ** (attempt - 1))
-        have = part.stat().st_size if part.exists() else 0
         try:
-            with session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                             timeout=60) as response:
-                status = response.status_code
-                if status == 404 and not required:
+            _, headers = data.http_download(url, part, f"{what}: {dest.name}", session)
+        except data.DownloadError as e:
+            if e.status == 404:
+                if not required:
                     return False
-                if status == 404:
-                    raise ValueError(f"{what}: {dest.name} not found (404 from {url})")
-                if status in (401, 403):
-                    raise ValueError(f"{what}: access denied ({status} from {url}); gated or private "
-                                     "models need HF_TOKEN set to a token with access")
-                if status == 416:  # our partial file is not a prefix of theirs: start over
-                    part.unlink()
-                    problem = f"416 from {url}"
-                    continue
-                if status not in (200, 206):
-                    problem = f"HTTP {status} from {url}"
-                    continue
-                resumed = status == 206
-                if resumed:
-                    start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-                    if start is None or int(start.group(1)) != have:
-                        part.unlink()
-                        problem = f"bad Content-Range {response.headers.get('Content-Range')!r} from {url}"
-                        continue
-                length = response.headers.get("Content-Length")
-                expected = (have if resumed else 0) + int(length) if length else None
-                with open(part, "ab" if resumed else "wb") as f:
-                    # small chunks: a connection that breaks loses at most one, the rest is resumed
-                    for chunk in response.iter_content(chunk_size=1 << 16):
-                        f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-                sha256 = expected_sha256(response.headers)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            problem = f"{type(e).__name__}: {e}"
+                raise ValueError(f"{what}: {dest.name} not found (404 from {url})") from None
+            if e.status in (401, 403):
+                raise ValueError(f"{what}: access denied ({e.status} from {url}); gated or private "
+                                 "models need HF_TOKEN set to a token with access") from None
+            problem = str(e)
             continue
-        size = part.stat().st_size
-        if expected is not None and size != expected:
-            problem = f"{url} ended after {size} of {expected} bytes"
-            continue  # the next attempt resumes from here
+        sha256 = expected_sha256(headers)
         if sha256 is not None and data.file_sha256(part) != sha256:
             part.unlink()
             raise ValueError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
