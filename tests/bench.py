@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT))  # flat scripts: t5.py and llama.py live in the re
 
 import llama  # noqa: E402
 import t5  # noqa: E402
+from tinyllm import parse_flags  # noqa: E402
 
 
 @dataclass
@@ -86,27 +87,6 @@ class BenchConfig:
     profile: int = 0  # 1: also write a torch.profiler table per case and implementation to OUT/profile/
     budget_s: int = -1  # seconds for the whole run; cases cut repetitions to fit; 0: none; -1: 540 for the
     #                     default CPU run (`make bench` must finish in 10 minutes), none otherwise
-
-
-def parse_flags(argv: list[str]) -> BenchConfig:
-    types = {f.name: f.type for f in fields(BenchConfig)}
-    values = {}
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise SystemExit(f"bench.py: {arg!r}: flags are --key=value")
-        if key not in types:
-            raise SystemExit(f"bench.py: unknown flag --{key} (known: {', '.join('--' + k for k in types)})")
-        if types[key] in ("int", int):
-            if value == "":
-                continue  # empty means default, as in the Makefile
-            try:
-                values[key] = int(value)
-            except ValueError:
-                raise SystemExit(f"bench.py: --{key}={value!r} is not an integer") from None
-        else:
-            values[key] = value
-    return BenchConfig(**values)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -682,7 +662,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def main(argv: list[str]) -> list[dict]:
-    cfg = parse_flags(argv)
+    cfg = parse_flags(BenchConfig, argv)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise SystemExit(f"bench.py: --device={cfg.device!r}: expected auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
