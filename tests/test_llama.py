@@ -137,6 +137,11 @@ def test_greedy_generation_matches_transformers(tiny_folders, name):
     assert new.tolist() == ref[:, ids.shape[1]:].tolist()
     first = new[0].tolist().index(eos)
     assert first <= 4 and all(t == pad for t in new[0, first + 1:].tolist())
+    # an unpadded batch takes the mask-free path (causal prompt, decode over the written slots only)
+    unpadded = ours.generate(ids[:1], max_new_tokens=20, eos_ids=[])
+    ref = reference(tiny_folders[name]).generate(input_ids=ids[:1], max_new_tokens=20, do_sample=False,
+                                                 eos_token_id=None, pad_token_id=pad)
+    assert unpadded.tolist() == ref[:, ids.shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -152,8 +157,7 @@ def test_cached_decode_equals_full_forward(tiny_folders, name):
     step_logits = [model.prefill(ids, key_valid, caches)]
     tokens = [step_logits[-1].argmax(-1)]
     for step in range(n - 1):
-        step_logits.append(model.decode_step(tokens[-1], mask.sum(-1) + step, torch.tensor([T + step]),
-                                             key_valid, caches))
+        step_logits.append(model.decode_step(tokens[-1], mask.sum(-1) + step, T + step, key_valid, caches))
         tokens.append(step_logits[-1].argmax(-1))
     full_ids = torch.cat([ids, torch.stack(tokens, 1)], 1)
     with torch.no_grad():
