@@ -124,6 +124,13 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num
     return buckets + torch.where(distance < max_exact, distance, large)
 
 
+def mask_if_padded(attention_mask: Tensor | None) -> Tensor | None:
+    """The 1/0 mask, or None when it masks nothing. An unpadded batch then runs SDPA with the position bias
+    alone (1, H, T, T), or with no mask at all, instead of a (B, H, T, T) bias. One host sync per call, so
+    call it once per forward, never per layer."""
+    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+
+
 def padding_bias(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, T_k) 1/0 mask -> (B, 1, 1, T_k) additive bias: 0 for tokens, the dtype's min for padding.
     The finite min (not -inf) keeps a fully padded row from turning into NaN."""
@@ -190,20 +197,21 @@ class Attention(nn.Module):
         relative = (torch.arange(key_length, device=device)[None, :]
                     - torch.arange(query_length, device=device)[:, None])  # (T_q, T_k)
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (T_q,T_k,H) -> (1,H,T_q,T_k)
+        # (T_q,T_k,H) -> (1,H,T_q,T_k); contiguous, or SDPA copies the permuted bias in every layer.
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()
 
     def heads(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         return x.view(B, T, self.n_heads, self.d_kv).transpose(1, 2)  # (B,T,H*d_kv) -> (B,H,T,d_kv)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """q (B,H,T_q,d_kv), k/v (B,H,T_k,d_kv), bias broadcastable to (B,H,T_q,T_k) -> (B,T_q,d_model)."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """q (B,H,T_q,d_kv), k/v (B,H,T_k,d_kv), bias broadcastable to (B,H,T_q,T_k) or None -> (B,T_q,d_model)."""
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
                                            dropout_p=self.dropout if self.training else 0.0)
         B, _, T, _ = y.shape
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_kv))  # (B,H,T,d_kv) -> (B,T,H*d_kv)
 
-    def forward(self, x: Tensor, bias: Tensor, source: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None, source: Tensor | None = None) -> Tensor:
         """Whole-sequence attention: self-attention when `source` is None, else over `source` (encoder output)."""
         source = x if source is None else source
         return self.attend(self.heads(self.q(x)), self.heads(self.k(source)), self.heads(self.v(source)), bias)
@@ -257,7 +265,7 @@ class CrossAttentionLayer(nn.Module):
         self.layer_norm = LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = config.dropout_rate
 
-    def forward(self, x: Tensor, encoder_out: Tensor, bias: Tensor) -> Tensor:
+    def forward(self, x: Tensor, encoder_out: Tensor, bias: Tensor | None) -> Tensor:
         return x + F.dropout(self.EncDecAttention(self.layer_norm(x), bias, encoder_out), self.dropout, self.training)
 
 
@@ -281,7 +289,7 @@ class Block(nn.Module):
         layers.append(FeedForwardLayer(config))
         self.layer = nn.ModuleList(layers)
 
-    def forward(self, x: Tensor, self_bias: Tensor, encoder_out: Tensor | None = None,
+    def forward(self, x: Tensor, self_bias: Tensor | None, encoder_out: Tensor | None = None,
                 cross_bias: Tensor | None = None) -> Tensor:
         x = self.layer[0](x, self_bias)
         if encoder_out is not None:
@@ -290,13 +298,16 @@ class Block(nn.Module):
 
     def forward_step(self, x: Tensor, position: int, self_bias: Tensor, cache: DecoderCache, index: int) -> Tensor:
         """One decoder token x (B,1,d_model) at `position`: its K/V are written into the preallocated cache,
-        the query attends over the whole cache (the bias row hides positions not yet written)."""
+        and the query attends over the prefix written so far, `[:position + 1]` (a view of the static buffer;
+        reading the whole buffer would cost attention over T_max slots at every step)."""
         self_layer, cross_layer, ff_layer = self.layer
         attn = self_layer.SelfAttention
         h = self_layer.layer_norm(x)
-        cache.self_k[index][:, :, position] = attn.heads(attn.k(h))[:, :, 0]
-        cache.self_v[index][:, :, position] = attn.heads(attn.v(h))[:, :, 0]
-        x = x + attn.attend(attn.heads(attn.q(h)), cache.self_k[index], cache.self_v[index], self_bias)
+        self_k, self_v = cache.self_k[index], cache.self_v[index]
+        self_k[:, :, position] = attn.heads(attn.k(h))[:, :, 0]
+        self_v[:, :, position] = attn.heads(attn.v(h))[:, :, 0]
+        prefix = slice(0, position + 1)
+        x = x + attn.attend(attn.heads(attn.q(h)), self_k[:, :, prefix], self_v[:, :, prefix], self_bias)
         cross = cross_layer.EncDecAttention
         h = cross_layer.layer_norm(x)
         x = x + cross.attend(cross.heads(cross.q(h)), cache.cross_k[index], cache.cross_v[index], cache.cross_bias)
@@ -322,7 +333,7 @@ class Stack(nn.Module):
     def relative_attention(self) -> Attention:
         return self.block[0].layer[0].SelfAttention
 
-    def forward(self, x: Tensor, self_bias: Tensor, encoder_out: Tensor | None = None,
+    def forward(self, x: Tensor, self_bias: Tensor | None, encoder_out: Tensor | None = None,
                 cross_bias: Tensor | None = None) -> Tensor:
         x = F.dropout(x, self.dropout, self.training)
         for block in self.block:
@@ -338,8 +349,8 @@ class DecoderCache:
     self_v: list[Tensor]
     cross_k: list[Tensor]  # per decoder layer (B, H, T_enc, d_kv)
     cross_v: list[Tensor]
-    self_bias: Tensor  # (1, H, T_max, T_max): position bias + causal mask; step t reads row t
-    cross_bias: Tensor  # (B, 1, 1, T_enc): encoder padding
+    self_bias: Tensor  # (1, H, T_max, T_max): position bias + causal mask; step t reads row t, keys 0..t
+    cross_bias: Tensor | None  # (B, 1, 1, T_enc): encoder padding; None when nothing is padded
 
 
 class T5(nn.Module):
@@ -352,26 +363,32 @@ class T5(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, T_enc) ids and 1/0 mask -> (B, T_enc, d_model)."""
+    def encode(self, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """(B, T_enc) ids and 1/0 mask (None: nothing padded) -> (B, T_enc, d_model)."""
         T = input_ids.shape[1]
         dtype = compute_dtype(self.shared.weight)
-        # Position bias + padding, built once and shared by every encoder block.
-        bias = (self.encoder.relative_attention.position_bias(T, T).float()
-                + padding_bias(attention_mask, torch.float32)).to(dtype)  # (B, H, T, T)
-        return self.encoder(self.shared(input_ids), bias)
+        attention_mask = mask_if_padded(attention_mask)
+        # Built once, contiguous and in the compute dtype, and shared by every encoder block (SDPA would copy a
+        # strided or mis-typed mask in every layer).
+        bias = self.encoder.relative_attention.position_bias(T, T)  # (1, H, T, T)
+        if attention_mask is not None:
+            bias = bias.float() + padding_bias(attention_mask, torch.float32)  # (B, H, T, T)
+        return self.encoder(self.shared(input_ids), bias.to(dtype).contiguous())
 
-    def decode(self, decoder_input_ids: Tensor, encoder_out: Tensor, attention_mask: Tensor,
+    def decode(self, decoder_input_ids: Tensor, encoder_out: Tensor, attention_mask: Tensor | None,
                decoder_attention_mask: Tensor | None = None) -> Tensor:
-        """Teacher-forced decoder over the whole target (training / scoring; no cache) -> logits (B,T_dec,V)."""
+        """Teacher-forced decoder over the whole target (training / scoring; no cache) -> logits (B,T_dec,V).
+        A mask of None means nothing is padded."""
         T = decoder_input_ids.shape[1]
         dtype = compute_dtype(self.shared.weight)
+        attention_mask = mask_if_padded(attention_mask)
+        decoder_attention_mask = mask_if_padded(decoder_attention_mask)
         bias = (self.decoder.relative_attention.position_bias(T, T).float()
                 + causal_bias(T, torch.float32, decoder_input_ids.device))  # (1, H, T, T)
         if decoder_attention_mask is not None:
             bias = bias + padding_bias(decoder_attention_mask, torch.float32)  # (B, H, T, T)
-        cross_bias = padding_bias(attention_mask, dtype)
-        h = self.decoder(self.shared(decoder_input_ids), bias.to(dtype), encoder_out, cross_bias)
+        cross_bias = padding_bias(attention_mask, dtype) if attention_mask is not None else None
+        h = self.decoder(self.shared(decoder_input_ids), bias.to(dtype).contiguous(), encoder_out, cross_bias)
         return self.lm_logits(h)
 
     def lm_logits(self, h: Tensor) -> Tensor:
@@ -383,6 +400,7 @@ class T5(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor,
                 decoder_attention_mask: Tensor | None = None) -> Tensor:
         """Logits (B, T_dec, vocab_size) for `decoder_input_ids` (usually `shift_right(labels)`)."""
+        attention_mask = mask_if_padded(attention_mask)  # checked once for both stacks
         encoder_out = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask)
 
@@ -446,7 +464,7 @@ class T5(nn.Module):
     # -----------------------------------------------------------------------------------------------
     # Generation: encoder once, cross-attention K/V once, one decoder token per step over a static cache.
 
-    def start_decoding(self, encoder_out: Tensor, attention_mask: Tensor, max_length: int) -> DecoderCache:
+    def start_decoding(self, encoder_out: Tensor, attention_mask: Tensor | None, max_length: int) -> DecoderCache:
         """Allocate the self-attention cache for `max_length` decoder positions and project the encoder output
         into every decoder layer's cross-attention K/V."""
         B = encoder_out.shape[0]
@@ -462,12 +480,14 @@ class T5(nn.Module):
         # Position t's bias row depends only on t, so all rows are computed once here, not at every step.
         self_bias = (self.decoder.relative_attention.position_bias(max_length, max_length).float()
                      + causal_bias(max_length, torch.float32, device)).to(dtype)
-        return DecoderCache(self_k, self_v, cross_k, cross_v, self_bias, padding_bias(attention_mask, dtype))
+        attention_mask = mask_if_padded(attention_mask)
+        cross_bias = padding_bias(attention_mask, dtype) if attention_mask is not None else None
+        return DecoderCache(self_k, self_v, cross_k, cross_v, self_bias, cross_bias)
 
     def decode_step(self, token: Tensor, position: int, cache: DecoderCache) -> Tensor:
         """token (B,1) at decoder `position` -> logits (B, vocab_size); fills the cache at `position`."""
         x = self.shared(token)
-        self_bias = cache.self_bias[:, :, position:position + 1]  # (1, H, 1, T_max)
+        self_bias = cache.self_bias[:, :, position:position + 1, :position + 1]  # (1, H, 1, position + 1)
         for i, block in enumerate(self.decoder.block):
             x = block.forward_step(x, position, self_bias, cache, i)
         return self.lm_logits(self.decoder.final_layer_norm(x))[:, 0]
@@ -485,6 +505,7 @@ class T5(nn.Module):
         eos_id = self.config.eos_token_id if eos_id is None else eos_id
         pad_id = self.config.pad_token_id
         B = input_ids.shape[0]
+        attention_mask = mask_if_padded(attention_mask)  # checked once for the encoder and the cross-attention
         cache = self.start_decoding(self.encode(input_ids, attention_mask), attention_mask, max_new_tokens)
         token = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)

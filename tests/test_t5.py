@@ -166,6 +166,27 @@ def test_cached_decoding_equals_full_forward(checkpoints, batch):
         assert rel_err(steps, full) <= 1e-5, name
 
 
+def test_unpadded_batch_matches_padded_batch(checkpoints, batch):
+    """An all-ones mask takes the mask-free path (position bias alone, no cross-attention mask); the same rows
+    inside a padded batch take the masked path. Both must agree, in the forward and in cached decoding."""
+    full_row = batch["attention_mask"].sum(1) == batch["attention_mask"].shape[1]
+    assert full_row.tolist() == [True, False, False]
+    unpadded = {k: v[full_row].repeat(2, 1) for k, v in batch.items()}  # two copies of the unpadded row
+    for name in CONFIGS:
+        model = t5.T5.from_pretrained(checkpoints[name])
+        with torch.no_grad():
+            assert t5.mask_if_padded(unpadded["attention_mask"]) is None
+            alone = model(**unpadded)
+            in_padded_batch = model(**batch)[full_row]
+            decoder_mask = torch.ones_like(unpadded["decoder_input_ids"])
+            assert rel_err(model(**unpadded, decoder_attention_mask=decoder_mask), alone) == 0.0
+        assert rel_err(alone[:1], in_padded_batch) <= 1e-5, name
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        generated = model.generate(**inputs, max_new_tokens=12)
+        alone_generated = model.generate(unpadded["input_ids"], unpadded["attention_mask"], max_new_tokens=12)
+        assert torch.equal(alone_generated[0], generated[0, :alone_generated.shape[1]]), name
+
+
 def test_generate_sampling_and_arguments(checkpoints, batch):
     model = t5.T5.from_pretrained(checkpoints["v1_1_gated_untied"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
