@@ -61,6 +61,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -72,6 +73,7 @@ sys.path.insert(0, str(ROOT))  # flat scripts: t5.py and llama.py live in the re
 
 import llama  # noqa: E402
 import t5  # noqa: E402
+import train  # noqa: E402
 from tinyllm import parse_flags  # noqa: E402
 
 
@@ -330,9 +332,9 @@ def train_case(name: str, config: dict, batch: int, input_len: int, target_len: 
 def tinyllm_case(name: str, config: dict, batch: int, input_len: int, reps: int, device: torch.device,
                  bf16: bool) -> Case:
     """Eq. 2 with two teachers: L = w_0 L_answer + w_1 L_rationale_1 + w_2 L_rationale_2, each L the mean token
-    cross-entropy of its task. Ours: the 3B rows in one forward (targets padded to the longest), per-task sums by
-    row index (as train.py's micro_batch_loss). Official way: one forward per task, losses summed. One backward and
-    one AdamW step either way; the two variants train two copies of the same weights."""
+    cross-entropy of its task. Ours: train.py's own step, micro_batch_loss on a Seq2SeqStudent (the 3B rows
+    collated into one padded forward, per-task sums by row). Official way: one forward per task, losses
+    summed. One backward and one AdamW step either way; the two variants train two copies of the same weights."""
     torch.manual_seed(0)
     fused_model = t5.T5(t5.T5Config.from_hf_config(config)).to(device).train()
     split_model = t5.T5(t5.T5Config.from_hf_config(config)).to(device).train()
@@ -342,25 +344,26 @@ def tinyllm_case(name: str, config: dict, batch: int, input_len: int, reps: int,
     weights = torch.tensor([1.0, 0.5, 0.5], device=device)
     tasks = [t5_batch(config, batch, input_len, n, device, generator) for n in target_lens]
     width = max(target_lens)
-    padded = [torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100) for *_, labels in tasks]
-    all_ids = torch.cat([ids for ids, *_ in tasks])  # (3B, T_in)
-    all_mask = torch.cat([m for _, m, *_ in tasks])
-    all_labels = torch.cat(padded)  # (3B, T_max)
-    all_decoder_ids = t5.shift_right(all_labels)
-    row_task = torch.arange(len(tasks), device=device).repeat_interleave(batch)  # (3B,)
+    # train.py's rows: (task index, prompt ids, target ids); the loss path reads only the tokenizer's pad id
+    micro = [(task, ids.tolist(), labels.tolist())
+             for task, (input_ids, _, _, target) in enumerate(tasks) for ids, labels in zip(input_ids, target)]
+    student = train.Seq2SeqStudent(fused_model, SimpleNamespace(pad_id=config.get("pad_token_id", 0)), device, bf16)
     task_tokens = torch.tensor([batch * n for n in target_lens], dtype=torch.float32, device=device)
     fused = True  # one-pass AdamW kernel, on CPU too (torch >= 2.4); both sides run the same optimizer
     opt_fused = torch.optim.AdamW(fused_model.parameters(), lr=1e-5, fused=fused)
     opt_split = torch.optim.AdamW(split_model.parameters(), lr=1e-5, fused=fused)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
+    fused_model.eval(), split_model.eval()  # both sides compute the same Eq. 2: checked once, untimed, no dropout
+    with torch.no_grad(), autocast():
+        fused_loss = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)[0]
+        split_loss = sum(w * t5.cross_entropy(split_model(ids, m, d), labels)
+                         for w, (ids, m, d, labels) in zip(weights, tasks))
+    fused_model.train(), split_model.train()
+    assert torch.allclose(fused_loss.float(), split_loss.float(), rtol=1e-2 if bf16 else 1e-5), (fused_loss, split_loss)
+
     def step_fused() -> None:
-        with autocast():
-            logits = fused_model(all_ids, all_mask, all_decoder_ids)  # (3B, T_max, V)
-            token_losses = F.cross_entropy(logits.float().flatten(0, 1), all_labels.flatten(), ignore_index=-100,
-                                           reduction="none").view(all_labels.shape)
-            task_sums = torch.zeros(len(tasks), device=device).index_add_(0, row_task, token_losses.sum(1))
-            loss = (weights * task_sums / task_tokens).sum()
+        loss, _ = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
         loss.backward()
         opt_fused.step()
         opt_fused.zero_grad(set_to_none=True)
