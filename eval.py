@@ -122,8 +122,8 @@ def row_label(run: str, method: str) -> str:
 
 def delta(ours: float, base: float) -> str:
     """Relative improvement in percent, as the paper's Δ rows, and the absolute points beside it."""
-    relative = (ours - base) / base * 100 if base else float("inf")
-    return f"{relative:+.2f}% ({(ours - base) * 100:+.2f} pts)"
+    points = f"{(ours - base) * 100:+.2f} pts"
+    return f"{(ours - base) / base * 100:+.2f}% ({points})" if base else f"n/a ({points})"  # 0 accuracy: no ratio
 
 
 def table(cfg: TableConfig) -> str:

@@ -124,6 +124,7 @@ def test_table_is_shaped_like_table_1(tmp_path):
         "| Δ_Distill | +9.09% (+5.00 pts) |"]  # vs the best distillation baseline, DSS-llama-2
     with pytest.raises(SystemExit, match="no results in"):
         evaluation.table(evaluation.TableConfig(dataset="arc", out=str(tmp_path)))
+    assert evaluation.delta(0.25, 0.0) == "n/a (+25.00 pts)"  # a baseline at 0% has no relative Δ
 
 
 def test_pipeline_end_to_end_with_release_teachers(tiny_t5, assets, serve_folder, tmp_path):
