@@ -416,13 +416,8 @@ def llama_generation_case(name: str, config: dict, batch: int, prompt_len: int, 
     weights = linear_params(ours) * element  # the tied head counts once, as the LM head matmul
     context = sum(prompt_len + t for t in range(new_tokens))
     bytes_read = new_tokens * weights + batch * kv_bytes_per_token * element * context
-    case = Case(name, "new tokens/s", batch * new_tokens, ours_generate, theirs_generate, reps,
-                baseline=f"transformers LlamaForCausalLM.generate ({theirs.config._attn_implementation}, "
-                         f"{'static' if static else 'dynamic'} cache)",
-                shapes=dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens), bytes_read=bytes_read)
-    case.extra["outputs"] = outputs
-    case.warmup = lambda: (ours_generate(warmup_tokens), theirs_generate(warmup_tokens))
-    return case
+    return generation_case(name, "LlamaForCausalLM", theirs, static, ours_generate, theirs_generate, outputs, reps,
+                           batch, prompt_len, new_tokens, warmup_tokens, bytes_read)
 
 
 def t5_generation_case(name: str, config: dict, batch: int, prompt_len: int, new_tokens: int, reps: int,
@@ -454,8 +449,17 @@ def t5_generation_case(name: str, config: dict, batch: int, prompt_len: int, new
     self_context = sum(t + 1 for t in range(new_tokens))
     bytes_read = (new_tokens * weights
                   + batch * 2 * layers * inner * element * (self_context + new_tokens * prompt_len))
+    return generation_case(name, "T5ForConditionalGeneration", theirs, static, ours_generate, theirs_generate,
+                           outputs, reps, batch, prompt_len, new_tokens, warmup_tokens, bytes_read)
+
+
+def generation_case(name: str, baseline_class: str, theirs: nn.Module, static: bool, ours_generate: Callable,
+                    theirs_generate: Callable, outputs: dict, reps: int, batch: int, prompt_len: int,
+                    new_tokens: int, warmup_tokens: int, bytes_read: float) -> Case:
+    """The Case both generation benchmarks share: new tokens/s, the same-tokens check (outputs), a short
+    warm-up of both sides."""
     case = Case(name, "new tokens/s", batch * new_tokens, ours_generate, theirs_generate, reps,
-                baseline=f"transformers T5ForConditionalGeneration.generate ({theirs.config._attn_implementation}, "
+                baseline=f"transformers {baseline_class}.generate ({theirs.config._attn_implementation}, "
                          f"{'static' if static else 'dynamic'} cache)",
                 shapes=dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens), bytes_read=bytes_read)
     case.extra["outputs"] = outputs

@@ -131,6 +131,18 @@ def make_tiny_llama(folder: Path, tokenizer_model: Path, vocab_size: int, **over
     return folder
 
 
+def edited_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """A copy of the checkpoint folder `src` at `dst` whose model.safetensors state dict went through
+    `edit` (drop a key, add one, change a shape): for the strict-loading error tests."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors")
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory, assets) -> Path:
     return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5"), assets / "t5_tokenizer" / "spiece.model")

@@ -22,9 +22,9 @@ import jinja2
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
 import llama
+from conftest import edited_checkpoint
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=256, initializer_range=0.2,
@@ -209,37 +209,29 @@ def test_sampling(tiny_folders):
 
 # ---- loading and saving -----------------------------------------------------------------------------
 
-def _copy_with(folder: Path, out: Path, edit) -> Path:
-    out.mkdir()
-    (out / "config.json").write_text((folder / "config.json").read_text())
-    state = load_file(folder / "model.safetensors")
-    edit(state)
-    save_file(state, out / "model.safetensors")
-    return out
-
 
 def test_strict_loading_errors(tiny_folders, tmp_path):
     mha = tiny_folders["mha"]
-    broken = _copy_with(mha, tmp_path / "missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    broken = edited_checkpoint(mha, tmp_path / "missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing keys \(1\): model\.layers\.1\.mlp\.up_proj\.weight"):
         llama.Llama.from_pretrained(broken)
-    broken = _copy_with(mha, tmp_path / "unexpected", lambda s: s.update(extra=torch.zeros(1)))
+    broken = edited_checkpoint(mha, tmp_path / "unexpected", lambda s: s.update(extra=torch.zeros(1)))
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): extra"):
         llama.Llama.from_pretrained(broken)
-    broken = _copy_with(mha, tmp_path / "shape", lambda s: s.update(
+    broken = edited_checkpoint(mha, tmp_path / "shape", lambda s: s.update(
         {"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 32)}))
     with pytest.raises(ValueError, match=r"k_proj\.weight has shape \(16, 32\) but config\.json implies \(32, 32\)"):
         llama.Llama.from_pretrained(broken)
-    broken = _copy_with(mha, tmp_path / "untied", lambda s: s.pop("lm_head.weight"))
+    broken = edited_checkpoint(mha, tmp_path / "untied", lambda s: s.pop("lm_head.weight"))
     with pytest.raises(ValueError, match=r"missing keys \(1\): lm_head\.weight"):
         llama.Llama.from_pretrained(broken)
     # tied: lm_head.weight may be absent (the alias) or an identical copy, nothing else
     tied = tiny_folders["gqa_llama3_tied"]
-    copy = _copy_with(tied, tmp_path / "tied_copy", lambda s: s.update(
+    copy = edited_checkpoint(tied, tmp_path / "tied_copy", lambda s: s.update(
         {"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
     model = llama.Llama.from_pretrained(copy)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    broken = _copy_with(tied, tmp_path / "tied_differs", lambda s: s.update(
+    broken = edited_checkpoint(tied, tmp_path / "tied_differs", lambda s: s.update(
         {"lm_head.weight": s["model.embed_tokens.weight"] + 1}))
     with pytest.raises(ValueError, match="lm_head.weight differs"):
         llama.Llama.from_pretrained(broken)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import t5
+from conftest import edited_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -287,14 +288,6 @@ def test_alias_keys_and_distinct_head_in_tied_config(tmp_path, checkpoints, batc
         assert rel_err(model(**batch), hf_logits(checkpoints["v1_1_gated_untied"], batch)) <= 1e-4
 
 
-def _edited_copy(src: Path, dst: Path, edit) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    state = load_file(dst / "model.safetensors")
-    edit(state)
-    save_file(state, dst / "model.safetensors")
-    return dst
 
 
 def test_strict_loading_names_the_offending_key(tmp_path, checkpoints):
@@ -310,7 +303,7 @@ def test_strict_loading_names_the_offending_key(tmp_path, checkpoints):
         "missing_head": (lambda s: s.pop("lm_head.weight"), r"missing keys \['lm_head.weight'\]"),
     }
     for case, (edit, message) in cases.items():
-        folder = _edited_copy(src, tmp_path / case, edit)
+        folder = edited_checkpoint(src, tmp_path / case, edit)
         with pytest.raises(ValueError, match=message):
             t5.T5.from_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
