@@ -15,17 +15,20 @@ Writes OUT/predictions.jsonl (one record per example and split) and OUT/results.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
-from tinyllm import parse_flags, resolve_device
-from train import accuracy, bf16_supported, load_student, predict
+from tinyllm import format_seconds, parse_flags, resolve_device
+from train import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 
 @dataclass
@@ -37,18 +40,23 @@ class EvalConfig:
     out: str = ""  # the run folder results go into
     limit: int = 0  # first N examples of each split (0 = all)
     device: str = "auto"
-    scoring: str = "generate"  # generate (the paper's) | rank
+    scoring: str = "generate"  # generate (the paper's) | rank (lm-eval's log-likelihood) | generate,rank (both)
     splits: str = "test,valid"
     batch_size: int = 32
     max_input_tokens: int = 1024
     max_new_tokens: int = 64
-    bf16: int = 1
+    bf16: int = 1  # bf16 weights where the device computes bf16 natively (fp32 elsewhere)
+    chat: int = -1  # decoder-only student: 1 = chat template, 0 = plain; -1 = the checkpoint's format, else default
+    boundary: int = -1  # decoder-only student: 1 = the input ends with "Answer:"; -1 = the checkpoint's, else 1
 
 
 @dataclass
 class TableConfig:
     dataset: str = "obqa"
     out: str = "out"
+    metric: str = "accuracy"  # column(s), comma-separated: accuracy | accuracy_generate | accuracy_sum | accuracy_norm
+    resamples: int = 10000  # paired bootstrap resamples of the test questions
+    seed: int = 0  # of the bootstrap
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -61,6 +69,19 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+METRICS = {"accuracy_generate": "correct_generate", "accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm"}
+
+
+def split_results(records: list[dict], scorings: list[str]) -> dict:
+    """accuracy (the first scoring's: generate, or rank's summed log-likelihood, lm-eval's acc), n, and per
+    scoring its own: accuracy_generate; accuracy_sum and accuracy_norm (per UTF-8 byte, lm-eval's acc_norm)."""
+    results = {"accuracy": accuracy(records), "n": len(records)}
+    for metric, key in METRICS.items():
+        if records and key in records[0]:
+            results[metric] = accuracy(records, key)
+    return results
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.out:
         raise SystemExit("eval.py needs --model (hub id or folder) and --out (the run folder for results)")
@@ -71,19 +92,23 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = torch.device(resolve_device(cfg.device))
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
-    student = load_student(cfg.model, device, bool(cfg.bf16), dtype)
+    scorings = parse_scoring(cfg.scoring)
+    student = load_student(cfg.model, device, bool(cfg.bf16), dtype, chat=cfg.chat, boundary=cfg.boundary)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     lines = []
+    start = time.perf_counter()
     for split in splits:
         examples = data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None)
         records = predict(student, examples, cfg.scoring, cfg.batch_size, cfg.max_input_tokens, cfg.max_new_tokens)
-        results[split] = {"accuracy": accuracy(records), "n": len(records)}
+        results[split] = split_results(records, scorings)
         lines += [json.dumps({"split": split, **record}) for record in records]
-        print(f"{cfg.dataset} {split}: accuracy {results[split]['accuracy']:.4f} "
-              f"({sum(r['correct'] for r in records)}/{len(records)}) {cfg.model}", flush=True)
-    results.update(model=cfg.model, method=cfg.method, dataset=cfg.dataset, scoring=cfg.scoring)
+        print(f"{cfg.dataset} {split}: " + ", ".join(f"{metric} {value:.4f}" for metric, value in results[split].items()
+                                                     if metric.startswith("accuracy"))
+              + f" (n={len(records)}) {cfg.model}", flush=True)
+    results.update(model=cfg.model, method=cfg.method, dataset=cfg.dataset, scoring=cfg.scoring,
+                   format=student.input_format(), eval_seconds=round(time.perf_counter() - start, 1))
     write_atomic(out / "predictions.jsonl", "".join(line + "\n" for line in lines))
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     print(f"results: {out / 'results.json'} (predictions: {out / 'predictions.jsonl'})")
@@ -98,17 +123,37 @@ ROW_NAMES = {"teacher": "Teacher", "inference": "Inference", "finetune": "Fine-t
 DISTILLATION = ("kd", "dss")  # the distillation baselines Δ_Distill compares with
 
 
-def read_results(out: Path, dataset: str) -> list[tuple[str, str, float]]:
-    """(run folder name, method, test accuracy) of every OUT/<dataset>/*/results.json, in Table 1's order."""
+@dataclass
+class Run:
+    """One row of the table: a run folder with its results.json (and train.json when it was trained)."""
+    name: str  # the folder, e.g. dss-llama-2
+    method: str
+    results: dict
+    folder: Path
+
+    def score(self, metric: str, split: str = "test") -> float | None:
+        return self.results[split].get(metric)
+
+    def seconds(self) -> float | None:
+        """Training plus evaluation wall time, when both are recorded."""
+        train_file = self.folder / "train.json"
+        trained = json.loads(train_file.read_text())["seconds"] if train_file.is_file() else 0.0
+        evaluated = self.results.get("eval_seconds")
+        return None if evaluated is None else trained + evaluated
+
+
+def read_results(out: Path, dataset: str) -> list[Run]:
+    """Every OUT/<dataset>/*/results.json, in Table 1's order."""
     rows = []
     for path in sorted((out / dataset).glob("*/results.json")):
         try:
             results = json.loads(path.read_text())
-            rows.append((path.parent.name, results.get("method") or path.parent.name, results["test"]["accuracy"]))
+            results["test"]["accuracy"]
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"{path}: not an eval.py results file ({e!r}); run `make eval` again") from None
+        rows.append(Run(path.parent.name, results.get("method") or path.parent.name, results, path.parent))
     order = list(ROW_NAMES)
-    return sorted(rows, key=lambda r: (order.index(r[1]) if r[1] in order else len(order), r[0]))
+    return sorted(rows, key=lambda r: (order.index(r.method) if r.method in order else len(order), r.name))
 
 
 def row_label(run: str, method: str) -> str:
@@ -126,21 +171,110 @@ def delta(ours: float, base: float) -> str:
     return f"{(ours - base) / base * 100:+.2f}% ({points})" if base else f"n/a ({points})"  # 0 accuracy: no ratio
 
 
+# ---------------------------------------------------------------------------------------------------
+# Paired statistics: both runs answered the same test questions, so compare them question by question
+
+def paired_bootstrap(ours: list[bool], base: list[bool], resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Accuracy difference ours - base in points, and its 95% percentile interval over `resamples` resamples
+    of the questions with replacement (the same questions for both runs in every resample)."""
+    diff = np.asarray(ours, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # +1, 0 or -1 per question
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # 1000 resamples at a time: (1000, n) indices, not (resamples, n)
+        stop = min(start + 1000, resamples)
+        means[start:stop] = diff[rng.integers(0, len(diff), (stop - start, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return 100 * diff.mean(), 100 * low, 100 * high
+
+
+def mcnemar_exact(ours: list[bool], base: list[bool]) -> tuple[float, int, int]:
+    """Exact (binomial) McNemar test: (two-sided p, b, c) with b the questions only ours gets right and c those
+    only base gets right; under H0 each discordant question is a fair coin, b ~ Binomial(b + c, 1/2)."""
+    b = sum(o and not r for o, r in zip(ours, base))
+    c = sum(r and not o for o, r in zip(ours, base))
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail), b, c
+
+
+def correct_by_id(run: Run, metric: str, split: str = "test") -> dict[str, bool]:
+    key = "correct" if metric == "accuracy" else METRICS[metric]
+    records = [json.loads(line) for line in (run.folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    return {r["id"]: r[key] for r in records if r["split"] == split and key in r}
+
+
+def paired_line(ours: Run, base: Run, metric: str, resamples: int, seed: int) -> str:
+    label = f"| {row_label(ours.name, ours.method)} − {row_label(base.name, base.method)} |"
+    missing = [str(run.folder / "predictions.jsonl") for run in (ours, base)
+               if not (run.folder / "predictions.jsonl").is_file()]
+    if missing:
+        return f"{label} no {' or '.join(missing)}: run `make eval` | | | |"
+    a, b = correct_by_id(ours, metric), correct_by_id(base, metric)
+    if a.keys() != b.keys() or not a:
+        raise SystemExit(f"{ours.folder} and {base.folder}: predictions of different test questions ({len(a)} vs "
+                         f"{len(b)}): evaluate both with the same --limit")
+    ids = sorted(a)
+    diff, low, high = paired_bootstrap([a[i] for i in ids], [b[i] for i in ids], resamples, seed)
+    p, only_ours, only_base = mcnemar_exact([a[i] for i in ids], [b[i] for i in ids])
+    return f"{label} {diff:+.2f} | [{low:+.2f}, {high:+.2f}] | {p:.3g} | {only_ours} / {only_base} |"
+
+
+METRIC_NAMES = {"accuracy": "accuracy (each run's --scoring)", "accuracy_generate": "generate (exact match)",
+                "accuracy_sum": "rank, summed log-likelihood (acc)", "accuracy_norm": "rank, per byte (acc_norm)"}
+
+
 def table(cfg: TableConfig) -> str:
+    """Table 1: one row per run, a column per metric of `--metric`, the wall time when recorded, Δ_FF and
+    Δ_Distill (relative, as the paper), then the paired differences of TinyLLM against fine-tuning and the best
+    distillation baseline: bootstrap interval and exact McNemar p, per metric."""
+    metrics = [m.strip() for m in cfg.metric.split(",") if m.strip()]
+    for metric in metrics:
+        if metric not in METRIC_NAMES:
+            raise SystemExit(f"--metric={metric!r}: expected one of {', '.join(METRIC_NAMES)} (comma-separated)")
     rows = read_results(Path(cfg.out), cfg.dataset)
     if not rows:
         raise SystemExit(f"no results in {Path(cfg.out) / cfg.dataset}/*/results.json: run `make table` or "
                          "`make train eval METHOD=...` first")
-    lines = [f"| Method | {cfg.dataset} |", "|---|---:|"]
-    lines += [f"| {row_label(run, method)} | {acc * 100:.2f} |" for run, method, acc in rows]
-    accuracy_of = {run: acc for run, _, acc in rows}
-    ours = accuracy_of.get("tinyllm")
-    finetune = next((acc for run, method, acc in rows if method == "finetune"), None)
-    distill = [acc for _, method, acc in rows if method in DISTILLATION]
-    if ours is not None and finetune is not None:
-        lines.append(f"| Δ_FF | {delta(ours, finetune)} |")
-    if ours is not None and distill:
-        lines.append(f"| Δ_Distill | {delta(ours, max(distill))} |")
+    timed = any(run.seconds() is not None for run in rows)
+
+    def cell(run: Run, metric: str) -> str:
+        value = run.score(metric)
+        return "—" if value is None else f"{value * 100:.2f}"
+
+    header = [cfg.dataset] if metrics == ["accuracy"] else metrics
+    lines = [f"{cfg.dataset} test, " + "; ".join(f"{m}: {METRIC_NAMES[m]}" for m in metrics),
+             "| Method | " + " | ".join(header) + (" | wall time |" if timed else " |"),
+             "|---|" + "---:|" * (len(metrics) + timed)]
+    for run in rows:
+        time_cell = [format_seconds(run.seconds()) if run.seconds() is not None else "—"] if timed else []
+        lines.append(f"| {row_label(run.name, run.method)} | " + " | ".join([cell(run, m) for m in metrics] + time_cell)
+                     + " |")
+    ours = next((run for run in rows if run.name == "tinyllm"), None)
+    finetune = next((run for run in rows if run.method == "finetune"), None)
+    distill = [run for run in rows if run.method in DISTILLATION]
+
+    def best_distill(metric: str) -> Run | None:
+        scored = [run for run in distill if run.score(metric) is not None]
+        return max(scored, key=lambda run: run.score(metric)) if scored else None
+
+    for label, base_of in (("Δ_FF", lambda m: finetune), ("Δ_Distill", best_distill)):
+        if ours is None or all(base_of(m) is None for m in metrics):
+            continue
+        cells = [delta(ours.score(m), base_of(m).score(m))
+                 if base_of(m) is not None and ours.score(m) is not None and base_of(m).score(m) is not None else "—"
+                 for m in metrics]
+        lines.append(f"| {label} | " + " | ".join(cells + ([""] if timed else [])) + " |")
+    if ours is not None and (finetune is not None or distill):
+        lines += ["", f"Paired differences on the test questions (points; 95% paired bootstrap interval, "
+                      f"{cfg.resamples:,} resamples, seed {cfg.seed}; exact McNemar p; b / c = questions only the "
+                      "first / only the second gets right):"]
+        for metric in metrics:
+            bases = [base for base in (finetune, best_distill(metric)) if base is not None]
+            if ours.score(metric) is None or not bases:
+                continue
+            lines += ["", f"{metric}:", "| comparison | Δ | 95% CI | McNemar p | b / c |", "|---|---:|---:|---:|---:|"]
+            lines += [paired_line(ours, base, metric, cfg.resamples, cfg.seed) for base in bases]
     text = "\n".join(lines)
     print(text)
     return text

@@ -35,6 +35,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -244,6 +245,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
 
+    def gather(self, rows: Tensor, max_len: int) -> KVCache:
+        """A new cache of len(rows) rows and `max_len` slots whose first slots hold a copy of rows `rows`
+        of this one: continuations of a shared prompt, one cache row each (rank scoring)."""
+        B, KV, S, D = self.k.shape
+        out = KVCache(len(rows), KV, max_len, D, self.k.dtype, self.k.device)
+        out.k[:, :, :S], out.v[:, :, :S] = self.k[rows], self.v[rows]
+        return out
+
     def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, KV, T, D) at slots start..start+T-1; return the written prefix (B, KV, start+T, D)."""
         end = start + k.shape[2]
@@ -329,7 +338,21 @@ def padding_causal_mask(attention_mask: Tensor) -> Tensor:
     return (causal & attention_mask.bool()[:, None, None, :]) | (slots[None, :] == slots[:, None])
 
 
+def segment_causal_mask(segment_ids: Tensor) -> Tensor:
+    """(B, 1, T, T) bool for sequences packed end to end: slot i sees slot j <= i of the same segment
+    (segment_ids (B, T), the packed row each slot holds; -1 is padding, which sees itself only, so no
+    softmax row is empty). Positions restart per segment, so each row computes as if it ran alone."""
+    T = segment_ids.shape[1]
+    slots = torch.arange(T, device=segment_ids.device)
+    causal = slots[None, :] <= slots[:, None]  # (T, T)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    return ((same & causal & (segment_ids >= 0)[:, :, None]) | (slots[None, :] == slots[:, None]))[:, None]
+
+
 class Llama(nn.Module):
+    # train.py --checkpointing=1: keep each block's input only and recompute the block in backward
+    checkpointing = False
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -349,8 +372,12 @@ class Llama(nn.Module):
         cache_start.. and attention reads every slot written so far."""
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.checkpointing and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_start)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, caches[i] if caches is not None else None, cache_start)
         return self.model.norm(x)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -449,6 +476,40 @@ class Llama(nn.Module):
         hf = self.config.to_hf_config()
         hf["torch_dtype"] = hf["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         _atomic_write_text(folder / "config.json", json.dumps(hf, indent=2))
+
+    # ------------------------------------------------------------------------------------------------
+    # Scoring continuations of a shared prompt: the prompt runs once, its options read its KV cache
+
+    @torch.no_grad()
+    def continuation_hidden(self, prompt_ids: Tensor, prompt_mask: Tensor, continuation_ids: Tensor,
+                            owner: Tensor) -> Tensor:
+        """Hidden states (R, L, hidden) that predict each continuation token: out[r, j] predicts
+        continuation_ids[r, j] after prompt owner[r]. prompt_ids (B, T) LEFT-padded with prompt_mask;
+        continuation_ids (R, L) right-padded (what follows a row's end is never read by its real tokens).
+        Equal to running every prompt + continuation as one sequence, at one prompt pass per prompt."""
+        B, T = prompt_ids.shape
+        R, L = continuation_ids.shape
+        cfg, device = self.config, prompt_ids.device
+        kv_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                    else self.lm_head.weight.dtype)
+        caches = [KVCache(B, cfg.num_key_value_heads, T, cfg.head_dim, kv_dtype, device)
+                  for _ in range(cfg.num_hidden_layers)]
+        key_valid = prompt_mask.bool()
+        padded = not bool(key_valid.all())
+        mask = padding_causal_mask(prompt_mask) if padded else None
+        last = self.hidden_states(prompt_ids, positions_from_mask(prompt_mask), mask, caches)[:, -1]  # (B, hidden)
+        first = last[owner][:, None]  # (R, 1, hidden): predicts every continuation's first token
+        if L == 1:
+            return first
+        # tokens 0..L-2 of each continuation, after its own prompt's cache rows (copied per continuation)
+        row_caches = [cache.gather(owner, T + L - 1) for cache in caches]
+        slots = torch.arange(L - 1, device=device)
+        causal = slots[None, :] <= slots[:, None]  # (L-1, L-1)
+        mask = torch.cat([key_valid[owner][:, None, :].expand(R, L - 1, T),
+                          causal[None].expand(R, L - 1, L - 1)], dim=-1)[:, None]  # (R, 1, L-1, T+L-1)
+        positions = key_valid.sum(-1)[owner][:, None] + slots  # (R, L-1): right after each prompt
+        rest = self.hidden_states(continuation_ids[:, :-1], positions, mask, row_caches, cache_start=T)
+        return torch.cat([first, rest], dim=1)
 
     # ------------------------------------------------------------------------------------------------
     # Generation: prefill the prompt, then one token at a time through a preallocated KV cache

@@ -78,9 +78,23 @@ def teacher_prefix(name: str, prefixes: Mapping[str, str] = TEACHER_PREFIXES) ->
     return f"explain {name.strip()}: "
 
 
-def student_input(example: Example, prefix: str) -> str:
-    """p ⊕ Q ⊕ O in the official code's format."""
-    return f"{prefix}{example.question}\nAnswer Choices:\n{format_options(example.options)}"
+def student_input(example: Example, prefix: str, boundary: str = "") -> str:
+    """p ⊕ Q ⊕ O in the official code's format (a T5 student: the encoder's whole input).
+
+    A decoder-only student reads its target right after this text, so `boundary`, a last line that names
+    what follows ("Answer:", "Rationale (llama-2):"), marks where the input ends: without it the model
+    sees "...(d) <last option><target>" and cannot tell an option from its answer."""
+    text = f"{prefix}{example.question}\nAnswer Choices:\n{format_options(example.options)}"
+    return f"{text}\n{boundary}\n" if boundary else text
+
+
+ANSWER_BOUNDARY = "Answer:"
+
+
+def task_boundary(task: str, answer_task: str = "answer") -> str:
+    """The decoder-only boundary line of a task: one per task prefix, so the line itself says which
+    target follows, the answer or teacher m's rationale."""
+    return ANSWER_BOUNDARY if task == answer_task else f"Rationale ({task}):"
 
 
 def answer_target(example: Example) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -211,10 +212,16 @@ class Attention(nn.Module):
         B, _, T, _ = y.shape
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_kv))  # (B,H,T,d_kv) -> (B,T,H*d_kv)
 
-    def forward(self, x: Tensor, bias: Tensor | None, source: Tensor | None = None) -> Tensor:
-        """Whole-sequence attention: self-attention when `source` is None, else over `source` (encoder output)."""
+    def forward(self, x: Tensor, bias: Tensor | None, source: Tensor | None = None,
+                source_rows: Tensor | None = None) -> Tensor:
+        """Whole-sequence attention: self-attention when `source` is None, else over `source` (encoder output).
+        source_rows (B,): query row i reads source row source_rows[i], so K/V are projected once per source row
+        even when several query rows (the options of one question) share it."""
         source = x if source is None else source
-        return self.attend(self.heads(self.q(x)), self.heads(self.k(source)), self.heads(self.v(source)), bias)
+        k, v = self.heads(self.k(source)), self.heads(self.v(source))
+        if source_rows is not None:
+            k, v = k[source_rows], v[source_rows]  # (B_src, H, T, d_kv) -> (B, H, T, d_kv)
+        return self.attend(self.heads(self.q(x)), k, v, bias)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,8 +272,9 @@ class CrossAttentionLayer(nn.Module):
         self.layer_norm = LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = config.dropout_rate
 
-    def forward(self, x: Tensor, encoder_out: Tensor, bias: Tensor | None) -> Tensor:
-        return x + F.dropout(self.EncDecAttention(self.layer_norm(x), bias, encoder_out), self.dropout, self.training)
+    def forward(self, x: Tensor, encoder_out: Tensor, bias: Tensor | None, encoder_rows: Tensor | None = None) -> Tensor:
+        h = self.EncDecAttention(self.layer_norm(x), bias, encoder_out, encoder_rows)
+        return x + F.dropout(h, self.dropout, self.training)
 
 
 class FeedForwardLayer(nn.Module):
@@ -290,10 +298,10 @@ class Block(nn.Module):
         self.layer = nn.ModuleList(layers)
 
     def forward(self, x: Tensor, self_bias: Tensor | None, encoder_out: Tensor | None = None,
-                cross_bias: Tensor | None = None) -> Tensor:
+                cross_bias: Tensor | None = None, encoder_rows: Tensor | None = None) -> Tensor:
         x = self.layer[0](x, self_bias)
         if encoder_out is not None:
-            x = self.layer[1](x, encoder_out, cross_bias)
+            x = self.layer[1](x, encoder_out, cross_bias, encoder_rows)
         return self.layer[-1](x)
 
     def forward_step(self, x: Tensor, position: int, self_bias: Tensor, cache: DecoderCache, index: int) -> Tensor:
@@ -320,7 +328,11 @@ class Block(nn.Module):
 
 class Stack(nn.Module):
     """Encoder or decoder: blocks then a final norm. Token embedding lives in `T5.shared` (transformers'
-    `encoder.embed_tokens` / `decoder.embed_tokens` are aliases of it and are not separate parameters)."""
+    `encoder.embed_tokens` / `decoder.embed_tokens` are aliases of it and are not separate parameters).
+    With `checkpointing` set (train.py --checkpointing=1), training keeps only each block's input and
+    recomputes the block in backward: activation memory of one block instead of all of them."""
+
+    checkpointing = False
 
     def __init__(self, config: T5Config, num_layers: int, is_decoder: bool):
         super().__init__()
@@ -334,10 +346,14 @@ class Stack(nn.Module):
         return self.block[0].layer[0].SelfAttention
 
     def forward(self, x: Tensor, self_bias: Tensor | None, encoder_out: Tensor | None = None,
-                cross_bias: Tensor | None = None) -> Tensor:
+                cross_bias: Tensor | None = None, encoder_rows: Tensor | None = None) -> Tensor:
         x = F.dropout(x, self.dropout, self.training)
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for block in self.block:
-            x = block(x, self_bias, encoder_out, cross_bias)
+            if recompute:  # the saved RNG state replays the same dropout masks in the recomputation
+                x = checkpoint(block, x, self_bias, encoder_out, cross_bias, encoder_rows, use_reentrant=False)
+            else:
+                x = block(x, self_bias, encoder_out, cross_bias, encoder_rows)
         return F.dropout(self.final_layer_norm(x), self.dropout, self.training)
 
 
@@ -377,8 +393,15 @@ class T5(nn.Module):
 
     def decode(self, decoder_input_ids: Tensor, encoder_out: Tensor, attention_mask: Tensor | None,
                decoder_attention_mask: Tensor | None = None) -> Tensor:
-        """Teacher-forced decoder over the whole target (training / scoring; no cache) -> logits (B,T_dec,V).
-        A mask of None means nothing is padded."""
+        """Teacher-forced decoder over the whole target (no cache) -> logits (B, T_dec, V)."""
+        return self.lm_logits(self.decoder_hidden(decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask))
+
+    def decoder_hidden(self, decoder_input_ids: Tensor, encoder_out: Tensor, attention_mask: Tensor | None,
+                       decoder_attention_mask: Tensor | None = None, encoder_rows: Tensor | None = None) -> Tensor:
+        """Teacher-forced decoder over the whole target (training / scoring; no cache) -> the final norm's
+        output (B, T_dec, d_model), before the LM head. A mask of None means nothing is padded.
+        encoder_rows (B,): decoder row i reads encoder row encoder_rows[i] (B_enc rows in encoder_out and
+        attention_mask), so one encoder pass serves several targets of the same input (rank scoring)."""
         T = decoder_input_ids.shape[1]
         dtype = compute_dtype(self.shared.weight)
         attention_mask = mask_if_padded(attention_mask)
@@ -388,14 +411,22 @@ class T5(nn.Module):
         if decoder_attention_mask is not None:
             bias = bias + padding_bias(decoder_attention_mask, torch.float32)  # (B, H, T, T)
         cross_bias = padding_bias(attention_mask, dtype) if attention_mask is not None else None
-        h = self.decoder(self.shared(decoder_input_ids), bias.to(dtype).contiguous(), encoder_out, cross_bias)
-        return self.lm_logits(h)
+        if cross_bias is not None and encoder_rows is not None:
+            cross_bias = cross_bias[encoder_rows]  # (B_enc, 1, 1, T_enc) -> (B, 1, 1, T_enc)
+        return self.decoder(self.shared(decoder_input_ids), bias.to(dtype).contiguous(), encoder_out, cross_bias,
+                            encoder_rows)
+
+    def head_input(self, h: Tensor) -> Tensor:
+        """What the LM head multiplies: the decoder output, rescaled for T5 v1.0's tied head."""
+        return h * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else h
+
+    @property
+    def output_embedding(self) -> Tensor:
+        """The LM head's weight (vocab, d_model): the input embedding when tied (T5 v1.0)."""
+        return self.shared.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def lm_logits(self, h: Tensor) -> Tensor:
-        if self.config.scale_decoder_outputs:
-            h = h * self.config.d_model ** -0.5  # T5 v1.0: the tied head is the input embedding, rescaled
-        weight = self.shared.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(h, weight)
+        return F.linear(self.head_input(h), self.output_embedding)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor,
                 decoder_attention_mask: Tensor | None = None) -> Tensor:

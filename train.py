@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import data
+import llama
 import prompts
 import t5
 import tinyllm
@@ -62,6 +63,7 @@ class TrainConfig:
     cache: str = "cache"
     out: str = ""  # run folder; default out/<dataset>/<method>
     limit: int = 0  # first N examples of train and valid (0 = all)
+    train_limit: int = 0  # first N training examples only (0 = all); valid stays whole, unlike --limit
     train_fraction: float = 1.0  # a seeded fraction of train, the paper's Figure 2 (12.5% ... 100%)
     device: str = "auto"
     resume: int = 0  # 1: continue from OUT/last (optimizer, scheduler, data order, RNG)
@@ -77,6 +79,9 @@ class TrainConfig:
     max_input_tokens: int = 1024
     max_target_tokens: int = 256
     bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
+    checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
+    chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
+    boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
     lora_rank: int = 8
     lora_alpha: float = 16.0
     # bookkeeping
@@ -112,11 +117,6 @@ def parse_alpha(alpha: str, names: list[str]) -> dict[str, float]:
     return weights
 
 
-# ---------------------------------------------------------------------------------------------------
-# the student: one class per architecture, the same methods for train.py and eval.py
-
-
-
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -142,21 +142,174 @@ def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids
 
 
+# ---------------------------------------------------------------------------------------------------
+# Eq. 3-4's token cross-entropy at target positions only, the LM head applied in chunks
+
+CE_CHUNK = 1024  # target tokens per chunk: (1024, vocab) fp32 logits at a time (200 MB for a 49k vocabulary)
+
+
+def _chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, token_weights: Tensor | None,
+                           need_hidden: bool, need_weight: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """CE_n = logsumexp(h_n Wᵀ) - (h_n Wᵀ)[y_n] for hidden (N, d), weight (vocab, d), chunk by chunk, in the
+    autocast dtype when autocast is on (as F.linear would be), the softmax in fp32. With need_*: the gradient
+    of Σ_n w_n CE_n with respect to hidden / weight, from the same chunk's logits (softmax - one-hot)."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    losses = torch.empty(len(labels), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    with torch.autocast(device_type, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, len(labels), CE_CHUNK):
+            end = min(start + CE_CHUNK, len(labels))
+            h, y = hidden[start:end].to(dtype), labels[start:end]
+            logits = F.linear(h, w).float()  # (n, vocab): the only logits that exist at any time
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[start:end] = lse - logits.gather(1, y[:, None])[:, 0]
+            if need_hidden or need_weight:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(end - start, device=grad.device), y] -= 1.0
+                grad = grad.mul_(token_weights[start:end, None]).to(dtype)  # (n, vocab)
+                if need_hidden:
+                    grad_hidden[start:end] = grad @ w  # (n, d)
+                if need_weight:
+                    grad_weight += (grad.T @ h).float()  # (vocab, d)
+    return losses, grad_hidden, grad_weight.to(weight.dtype) if need_weight else None
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = Σ_n w_n · CE(h_n Wᵀ, y_n) with the gradient computed in the forward pass, chunk by chunk (the
+    idea of Liger-Kernel's fused linear cross-entropy): the same three matmuls autograd would run over the
+    full logits, but a chunk's logits live only while its loss and gradient are taken, so no (rows, length,
+    vocab) tensor is ever made, in forward or backward. Backward scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, token_weights: Tensor) -> tuple[Tensor, Tensor]:
+        losses, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, labels, token_weights,
+                                                                  *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(losses)
+        return (losses * token_weights).sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_losses: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None,
+                grad_weight * grad_loss if grad_weight is not None else None, None, None)
+
+
+def target_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
+                         token_weights: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    """Token cross-entropy of the LM head `weight` over hidden states at target positions only, hidden (N, d)
+    and labels (N,): (Σ_n token_weights_n · CE_n, or None without weights; CE_n (N,), not differentiable)."""
+    trains = token_weights is not None and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if trains:
+        return LinearCrossEntropy.apply(hidden, weight, labels, token_weights)
+    with torch.no_grad():
+        losses, _, _ = _chunked_cross_entropy(hidden, weight, labels, None, False, False)
+    return (losses * token_weights).sum() if token_weights is not None else None, losses
+
+
+# ---------------------------------------------------------------------------------------------------
+# batch layouts with little padding: T5 rows in at most two length groups, decoder-only rows packed
+
+def length_groups(rows: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+    """Row indices in one or two groups of similar target length, chosen to pad the fewest tokens: answer
+    targets are a few tokens and rationales up to --max_target_tokens, so one padded forward would pad
+    every answer row to the longest rationale."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
+
+    def padded(group: list[int]) -> int:  # encoder + decoder tokens of the group once padded
+        return len(group) * (max(len(rows[i][0]) for i in group) + max(len(rows[i][1]) for i in group))
+
+    best, split = padded(order), len(order)
+    for k in range(1, len(order)):
+        cost = padded(order[:k]) + padded(order[k:])
+        if cost < best:
+            best, split = cost, k
+    return [order[:split], order[split:]] if split < len(order) else [order]
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """First-fit decreasing: row indices in bins of the longest row's length, for sequences packed end to
+    end (each bin is one sequence of the batch; a block-diagonal mask keeps the rows apart)."""
+    width = max(lengths)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        b = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+        if b is None:
+            bins.append([])
+            room.append(width)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= lengths[i]
+    return bins
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return [to_device(v, device) for v in batch]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the student: one class per architecture, the same methods for train.py and eval.py
+
+STUDENT_FORMAT = "student_format.json"  # in a decoder-only checkpoint: how its inputs were written
+
+
+class Seq2SeqObjective(nn.Module):
+    """T5: encoder over the prompts, decoder over the targets, the LM head at target tokens only. The batch
+    is a list of groups (input_ids, attention_mask, decoder_input_ids, target_index[, encoder_rows])."""
+
+    def __init__(self, model: t5.T5):
+        super().__init__()
+        self.model = model
+
+    def forward(self, groups: list[dict[str, Tensor]], labels: Tensor,
+                token_weights: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        hidden = []
+        for g in groups:
+            mask = t5.mask_if_padded(g["attention_mask"])  # one host sync for both stacks
+            encoder_out = self.model.encode(g["input_ids"], mask)
+            h = self.model.decoder_hidden(g["decoder_input_ids"], encoder_out, mask,
+                                          encoder_rows=g.get("encoder_rows"))  # (R, T_dec, d_model)
+            hidden.append(h.flatten(0, 1)[g["target_index"]])  # (N_g, d_model): target positions only
+        hidden = self.model.head_input(torch.cat(hidden))
+        return target_cross_entropy(hidden, self.model.output_embedding, labels, token_weights)
+
+
+class DecoderOnlyObjective(nn.Module):
+    """A LLaMA-family model over packed sequences (input_ids, position_ids, segment_ids: which row each slot
+    holds, -1 for padding), the LM head at the positions that predict target tokens (target_index)."""
+
+    def __init__(self, model: llama.Llama):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Tensor], labels: Tensor,
+                token_weights: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        mask = llama.segment_causal_mask(batch["segment_ids"])  # (B, 1, T, T): causal within each row
+        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], mask)  # (B, T, hidden)
+        hidden = hidden.flatten(0, 1)[batch["target_index"]]  # (N, hidden)
+        return target_cross_entropy(hidden, self.model.lm_head.weight, labels, token_weights)
+
+
 class Student:
     """What training and evaluation need from a model, over (prompt ids, target ids) rows. Each subclass
-    provides encode_prompt / encode_target (text -> ids), collate (rows -> padded host tensors),
-    token_losses (batch -> (R, T) cross-entropy per target token, 0 elsewhere) and generate (greedy
-    answers). `model` may be wrapped in DDP for training; `module` never is."""
+    provides encode_prompt / encode_target / encode_option (text -> ids), collate (rows -> the objective's
+    host tensors), score_options (rank scoring) and generate (greedy answers). `objective` (the model and
+    its loss, one module) is what DDP wraps, as `train_objective`; `module`, the model, never is."""
 
     kind = ""
 
-    def __init__(self, model: nn.Module, tokenizer, device: torch.device, bf16: bool):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    def __init__(self, model: nn.Module, tokenizer, device: torch.device, bf16: bool, objective: nn.Module):
+        self.module, self.tokenizer, self.device = model, tokenizer, device
+        self.objective = self.train_objective = objective
         self.bf16 = bf16 and bf16_supported(device)
-
-    @property
-    def module(self) -> nn.Module:
-        return getattr(self.model, "module", self.model)
 
     def autocast(self):
         # bf16 activations, fp32 master weights and optimizer state.
@@ -167,17 +320,26 @@ class Student:
         set no bound; a decoder-only model's position table does (see DecoderOnlyStudent)."""
         return limit
 
-    def fit_prompt(self, example: data.Example, prefix: str, limit: int) -> list[int]:
-        """Encode student_input(example, prefix) in at most `limit` tokens. Too long: drop words from the
-        START of the question, so the end of the question (where the ask is) and the options survive."""
-        ids = self.encode_prompt(prompts.student_input(example, prefix))
+    def boundary(self, task: str) -> str:
+        """The line that ends task `task`'s input (prompts.student_input); T5's official format has none."""
+        return ""
+
+    def input_format(self) -> str:
+        """How inputs are written, for results.json: the paper's T5 format, or a decoder-only one."""
+        return self.kind
+
+    def fit_prompt(self, example: data.Example, prefix: str, boundary: str, limit: int) -> list[int]:
+        """THE student input of every row, trained, generated from or ranked: student_input(example, prefix,
+        boundary), encoded, in at most `limit` tokens. Too long: drop words from the START of the question, so
+        the end of the question (where the ask is), the options and the boundary survive."""
+        ids = self.encode_prompt(prompts.student_input(example, prefix, boundary))
         if len(ids) <= limit:
             return ids
         words = example.question.split(" ")
 
         def encode_without(k: int) -> list[int]:
             shorter = dataclasses.replace(example, question=" ".join(words[k:]))
-            return self.encode_prompt(prompts.student_input(shorter, prefix))
+            return self.encode_prompt(prompts.student_input(shorter, prefix, boundary))
 
         lo, hi = 1, len(words)  # smallest k (words dropped) that fits, by bisection
         while lo < hi:
@@ -191,15 +353,25 @@ class Student:
             ids = ids[len(ids) - limit:]
         return ids
 
-    def row_loss_sums(self, rows: list[tuple[list[int], list[int]]]) -> Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.collate(rows).items()}
-        return self.token_losses(batch).sum(dim=1)  # (R,)
+    def target_loss(self, rows: list[tuple[list[int], list[int]]],
+                    row_weights: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Token cross-entropy of every (prompt, target) row at its target tokens: (Σ_n row_weights[row(n)] ·
+        CE_n, or None without weights; CE_n (N,); row(n) (N,), on the device)."""
+        batch, labels, token_rows = to_device(self.collate(rows), self.device)
+        token_weights = row_weights[token_rows] if row_weights is not None else None
+        loss, losses = self.train_objective(batch, labels, token_weights)
+        return loss, losses, token_rows
 
-    @torch.no_grad()
-    def log_likelihood(self, rows: list[tuple[list[int], list[int]]]) -> Tensor:
-        """Summed log-probability of each target given its prompt, (R,), on the CPU."""
-        with self.autocast():
-            return -self.row_loss_sums(rows).float().cpu()
+    @staticmethod
+    def option_sums(losses: Tensor, token_rows: Tensor, options: list[list[list[int]]]) -> list[list[float]]:
+        """Summed log-likelihood of each option from its tokens' cross-entropy, per question."""
+        n_rows = sum(len(opts) for opts in options)
+        sums = torch.zeros(n_rows, dtype=torch.float32).index_add_(0, token_rows.cpu(), -losses.float().cpu())
+        scores, start = [], 0
+        for opts in options:
+            scores.append(sums[start:start + len(opts)].tolist())
+            start += len(opts)
+        return scores
 
     def save_pretrained(self, folder: Path) -> None:
         with merged_lora(self.module):
@@ -212,24 +384,50 @@ class Seq2SeqStudent(Student):
 
     kind = "t5"
 
+    def __init__(self, model: t5.T5, tokenizer, device: torch.device, bf16: bool):
+        super().__init__(model, tokenizer, device, bf16, Seq2SeqObjective(model))
+
     def encode_prompt(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)  # ends with </s>
 
     def encode_target(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)  # ends with </s>: the student learns to stop
 
-    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
-        input_ids = pad([p for p, _ in rows], self.tokenizer.pad_id)
-        return {"input_ids": input_ids, "attention_mask": pad([[1] * len(p) for p, _ in rows], 0),
-                "labels": pad([t for _, t in rows], -100)}
+    def encode_option(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)[:-1]  # the option's own tokens, without </s> (lm-evaluation-harness)
 
-    def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
-        labels = batch["labels"]
+    def group(self, prompt_rows: list[list[int]], targets: list[list[int]],
+              encoder_rows: list[int] | None = None) -> tuple[dict[str, Tensor], list[int]]:
+        """One forward's tensors: prompts (B_enc, T_enc) right-padded, targets (R, T_dec) as labels, and
+        the flat index of every target token; encoder_rows: target r reads prompt encoder_rows[r]."""
         pad_id = self.tokenizer.pad_id
-        decoder_input_ids = t5.shift_right(labels, start_id=pad_id, pad_id=pad_id)  # T5 starts decoding at pad
-        logits = self.model(batch["input_ids"], batch["attention_mask"], decoder_input_ids)  # (R, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               reduction="none").view(labels.shape)
+        labels = pad([t or [pad_id] for t in targets], -100)
+        width = labels.shape[1]
+        group = {"input_ids": pad(prompt_rows, pad_id), "attention_mask": pad([[1] * len(p) for p in prompt_rows], 0),
+                 "decoder_input_ids": t5.shift_right(labels, start_id=pad_id, pad_id=pad_id),  # T5 starts at pad
+                 "target_index": torch.tensor([r * width + j for r, t in enumerate(targets) for j in range(len(t))])}
+        if encoder_rows is not None:
+            group["encoder_rows"] = torch.tensor(encoder_rows)
+        return group, [r for r, t in enumerate(targets) for _ in t]
+
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
+        groups, labels, token_rows = [], [], []
+        for members in length_groups(rows):
+            group, owners = self.group([rows[i][0] for i in members], [rows[i][1] for i in members])
+            groups.append(group)
+            labels += [token for i in members for token in rows[i][1]]
+            token_rows += [members[r] for r in owners]
+        return groups, torch.tensor(labels), torch.tensor(token_rows)
+
+    @torch.no_grad()
+    def score_options(self, prompt_rows: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
+        """The encoder runs once per question; every option is a decoder row over its question's output."""
+        targets = [t for opts in options for t in opts]
+        group, token_rows = self.group(prompt_rows, targets, [q for q, opts in enumerate(options) for _ in opts])
+        labels = torch.tensor([token for t in targets for token in t])
+        with self.autocast():
+            _, losses = self.objective(to_device([group], self.device), labels.to(self.device), None)
+        return self.option_sums(losses, torch.tensor(token_rows), options)
 
     @torch.no_grad()
     def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -242,10 +440,17 @@ class Seq2SeqStudent(Student):
 
 
 class DecoderOnlyStudent(Student):
-    """A LLaMA-family model: one sequence prompt + target; only the target tokens are in the loss
-    (beyond the paper, which used T5 students only)."""
+    """A LLaMA-family model: one sequence prompt + target; only the target tokens are in the loss (beyond
+    the paper, which used T5 students only). The input ends with a boundary line naming the target
+    ("Answer:"), and with `chat`, goes through the student's chat template as the user turn, the target
+    being the assistant turn."""
 
     kind = "llama"
+
+    def __init__(self, model: llama.Llama, tokenizer, device: torch.device, bf16: bool, chat: bool = False,
+                 with_boundary: bool = True):
+        super().__init__(model, tokenizer, device, bf16, DecoderOnlyObjective(model))
+        self.chat, self.with_boundary = chat, with_boundary
 
     def prompt_limit(self, limit: int, reserve: int) -> int:
         positions = self.module.config.max_position_embeddings
@@ -254,24 +459,66 @@ class DecoderOnlyStudent(Student):
                              "target tokens (lower --max_target_tokens / --max_new_tokens)")
         return min(limit, positions - reserve)
 
+    def boundary(self, task: str) -> str:
+        return prompts.task_boundary(task, ANSWER_TASK) if self.with_boundary else ""
+
+    def input_format(self) -> str:
+        return "chat" if self.chat else ("boundary" if self.with_boundary else "plain")
+
     def encode_prompt(self, text: str) -> list[int]:
+        if self.chat:  # the rendered template writes its own BOS text where the model wants one
+            turn = self.tokenizer.apply_chat_template([{"role": "user", "content": text.rstrip("\n")}])
+            return self.tokenizer.encode(turn, bos=False)
         return self.tokenizer.encode(text, bos=True)
 
     def encode_target(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, bos=False) + [self.tokenizer.eos_ids[0]]
+        return self.tokenizer.encode(text, bos=False) + [self.tokenizer.eos_ids[0]]  # chat models: end of turn
 
-    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
-        # Right padding: positions count from 0 on every row and padding sits after the causal context.
-        sequences = [p + t for p, t in rows]
-        return {"input_ids": pad(sequences, self.tokenizer.pad_id),
-                "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-                "labels": pad([[-100] * len(p) + t for p, t in rows], -100)}
+    def encode_option(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=False)
 
-    def token_losses(self, batch: dict[str, Tensor]) -> Tensor:
-        logits = self.model(batch["input_ids"], batch["attention_mask"])  # (R, T, V)
-        labels = batch["labels"][:, 1:]  # token t+1 is predicted at position t
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               reduction="none").view(labels.shape)
+    def collate(self, rows: list[tuple[list[int], list[int]]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Rows packed end to end into sequences as long as the longest row, positions restarting at 0 on
+        every row (as if each ran alone); target token j of a row is predicted at its position p + j - 1."""
+        lengths = [len(p) + len(t) for p, t in rows]
+        bins, width = pack_rows(lengths), max(lengths)
+        input_ids = torch.full((len(bins), width), self.tokenizer.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+        segment_ids = torch.full((len(bins), width), -1, dtype=torch.long)
+        target_index, labels, token_rows = [], [], []
+        for b, members in enumerate(bins):
+            start = 0
+            for k, i in enumerate(members):
+                prompt, target = rows[i]
+                end = start + lengths[i]
+                input_ids[b, start:end] = torch.tensor(prompt + target)
+                position_ids[b, start:end] = torch.arange(lengths[i])
+                segment_ids[b, start:end] = k
+                first = b * width + start + len(prompt) - 1  # the last prompt token predicts the first target token
+                target_index += range(first, first + len(target))
+                labels += target
+                token_rows += [i] * len(target)
+                start = end
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
+                 "target_index": torch.tensor(target_index, dtype=torch.long)}
+        return batch, torch.tensor(labels), torch.tensor(token_rows)
+
+    @torch.no_grad()
+    def score_options(self, prompt_rows: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
+        """Each prompt is prefilled once; every option continues from its prompt's KV cache."""
+        targets = [t for opts in options for t in opts]
+        owner = torch.tensor([q for q, opts in enumerate(options) for _ in opts], device=self.device)
+        prompt_ids = pad(prompt_rows, self.tokenizer.pad_id, left=True).to(self.device)
+        prompt_mask = pad([[1] * len(p) for p in prompt_rows], 0, left=True).to(self.device)
+        continuations = pad([t or [self.tokenizer.pad_id] for t in targets], self.tokenizer.pad_id)
+        width = continuations.shape[1]
+        index = torch.tensor([r * width + j for r, t in enumerate(targets) for j in range(len(t))], device=self.device)
+        labels = torch.tensor([token for t in targets for token in t], device=self.device)
+        with self.autocast():
+            hidden = self.module.continuation_hidden(prompt_ids, prompt_mask, continuations.to(self.device), owner)
+            _, losses = target_cross_entropy(hidden.flatten(0, 1)[index], self.module.lm_head.weight, labels)
+        token_rows = torch.tensor([r for r, t in enumerate(targets) for _ in t])
+        return self.option_sums(losses, token_rows, options)
 
     @torch.no_grad()
     def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -282,60 +529,103 @@ class DecoderOnlyStudent(Student):
             out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)
         return [self.tokenizer.decode(cut_at_eos(row, set(eos_ids))) for row in out.tolist()]
 
+    def save_pretrained(self, folder: Path) -> None:
+        super().save_pretrained(folder)
+        fmt = {"chat": self.chat, "boundary": self.with_boundary}
+        (Path(folder) / STUDENT_FORMAT).write_text(json.dumps(fmt) + "\n")  # inside save_checkpoint's temp folder
 
-def load_student(source: str, device: torch.device, bf16: bool = True, dtype: torch.dtype = torch.float32) -> Student:
+
+DEFAULT_CHAT = True  # an instruction-tuned decoder-only student reads its chat template (see student_format)
+
+
+def student_format(source: Path, tokenizer, chat: int, boundary: int) -> tuple[bool, bool]:
+    """(chat, boundary) of a decoder-only student: the flags when given (0/1), else what the checkpoint was
+    trained with (its student_format.json), else the defaults: the boundary line always, the chat template
+    for an instruction-tuned student (one with a template), as measured best on OBQA valid (README)."""
+    saved = json.loads((source / STUDENT_FORMAT).read_text()) if (source / STUDENT_FORMAT).is_file() else {}
+    chat_ = bool(chat) if chat in (0, 1) else saved.get("chat", DEFAULT_CHAT and tokenizer.chat_template is not None)
+    boundary_ = bool(boundary) if boundary in (0, 1) else saved.get("boundary", True)
+    if chat_ and tokenizer.chat_template is None:
+        raise SystemExit(f"--chat=1: the student {source} has no chat template (tokenizer_config.json "
+                         "'chat_template' or chat_template.jinja)")
+    return chat_, boundary_
+
+
+def load_student(source: str, device: torch.device, bf16: bool = True, dtype: torch.dtype = torch.float32,
+                 chat: int = -1, boundary: int = -1) -> Student:
     """A hub id or folder -> the student wrapper for its architecture, on `device`: fp32 weights for training
-    (bf16 autocast when `bf16`), bf16 weights for inference-only evaluation."""
+    (bf16 autocast when `bf16`), bf16 weights for inference-only evaluation. chat / boundary: the decoder-only
+    input format (-1: the checkpoint's, else the default; see student_format); T5 keeps the paper's format."""
     model, tokenizer, kind = tinyllm.load_model(source, dtype=dtype, device=str(device))
-    classes = {"t5": Seq2SeqStudent, "llama": DecoderOnlyStudent}
-    if kind not in classes:
-        raise SystemExit(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
-    return classes[kind](model, tokenizer, device, bf16)
+    if kind == "t5":
+        if chat == 1 or boundary == 1:
+            raise SystemExit(f"{source}: --chat and --boundary are for decoder-only students; a T5 student "
+                             "reads the paper's format")
+        return Seq2SeqStudent(model, tokenizer, device, bf16)
+    if kind == "llama":
+        chat_, boundary_ = student_format(tinyllm.resolve_model(source), tokenizer, chat, boundary)
+        return DecoderOnlyStudent(model, tokenizer, device, bf16, chat_, boundary_)
+    raise SystemExit(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
 
 
 # ---------------------------------------------------------------------------------------------------
 # answers: greedy with p_A then parse_answer (exact match, as in the paper), or the most likely option
 
+SCORINGS = ("generate", "rank")
+
+
+def parse_scoring(scoring: str) -> list[str]:
+    chosen = [s.strip() for s in scoring.split(",") if s.strip()]
+    if not chosen or any(s not in SCORINGS for s in chosen) or len(set(chosen)) != len(chosen):
+        raise SystemExit(f"--scoring={scoring!r}: expected generate or rank, or both (generate,rank)")
+    return chosen
+
+
 def predict(student: Student, examples: list[data.Example], scoring: str = "generate", batch_size: int = 32,
-            max_input_tokens: int = 1024, max_new_tokens: int = 64) -> list[dict]:
-    """One record per example: id, answer (gold), prediction (option index or None), correct, output."""
+            max_input_tokens: int = 1024, max_new_tokens: int = 64, progress=None) -> list[dict]:
+    """One record per example: id, answer (gold), prediction (option index or None) and correct, by the first
+    of `scoring` ("generate", "rank" or "generate,rank"). All from the one answer prompt (fit_prompt).
+    - generate (the paper's exact match): greedy text, parsed to an option: output, prediction_generate.
+    - rank (lm-evaluation-harness's multiple choice): every option's log-likelihood after the prompt, summed over
+      its tokens (scores, tokens) and per UTF-8 byte of its text (lengths): prediction_sum (lm-eval's acc; rank's
+      own prediction) and prediction_norm (acc_norm). Each prediction_* has its correct_*.
+    `progress(n)` is called with the number of examples done after each batch."""
+    scorings = parse_scoring(scoring)
     was_training = student.module.training
     student.module.eval()
-    records = []
     limit = student.prompt_limit(max_input_tokens, max_new_tokens)
-    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, limit) for ex in examples]
+    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, student.boundary(ANSWER_TASK), limit)
+                   for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompt_rows[i]))  # similar lengths share a batch
-    results: dict[int, dict] = {}
+    records = [{"id": ex.id, "answer": ex.answer} for ex in examples]
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        if scoring == "generate":
+        if "generate" in scorings:
             outputs = student.generate([prompt_rows[i] for i in chunk], max_new_tokens)
             for i, text in zip(chunk, outputs):
-                results[i] = {"output": text, "prediction": prompts.parse_answer(text, examples[i].options)}
-        elif scoring == "rank":
-            rows, owners = [], []
-            for i in chunk:
-                for option in range(len(examples[i].options)):
-                    target = prompts.answer_target(dataclasses.replace(examples[i], answer=option))
-                    rows.append((prompt_rows[i], student.encode_target(target)))
-                    owners.append(i)
-            scores = student.log_likelihood(rows)
-            for i in chunk:
-                option_scores = [s for s, owner in zip(scores.tolist(), owners) if owner == i]
-                best = max(range(len(option_scores)), key=option_scores.__getitem__)
-                results[i] = {"output": examples[i].options[best], "prediction": best, "scores": option_scores}
-        else:
-            raise SystemExit(f"--scoring={scoring!r}: expected generate or rank")
-    for i, ex in enumerate(examples):
-        record = {"id": ex.id, "answer": ex.answer, **results[i]}
-        record["correct"] = record["prediction"] == ex.answer
-        records.append(record)
+                records[i].update(output=text, prediction_generate=prompts.parse_answer(text, examples[i].options))
+        if "rank" in scorings:
+            options = [[student.encode_option(option) for option in examples[i].options] for i in chunk]
+            for i, scores, tokens in zip(chunk, student.score_options([prompt_rows[i] for i in chunk], options), options):
+                lengths = [len(option.encode("utf-8")) for option in examples[i].options]
+                per_byte = [s / max(n, 1) for s, n in zip(scores, lengths)]
+                records[i].update(scores=scores, tokens=[len(t) for t in tokens], lengths=lengths,
+                                  prediction_sum=max(range(len(scores)), key=scores.__getitem__),
+                                  prediction_norm=max(range(len(scores)), key=per_byte.__getitem__))
+        if progress is not None:
+            progress(len(chunk))
+    primary = "generate" if scorings[0] == "generate" else "sum"
+    for record in records:
+        for key in [k for k in record if k.startswith("prediction_")]:
+            record["correct_" + key.removeprefix("prediction_")] = record[key] == record["answer"]
+        record["prediction"] = record[f"prediction_{primary}"]
+        record["correct"] = record[f"correct_{primary}"]
     student.module.train(was_training)
     return records
 
 
-def accuracy(records: list[dict]) -> float:
-    return sum(r["correct"] for r in records) / len(records) if records else 0.0
+def accuracy(records: list[dict], key: str = "correct") -> float:
+    return sum(r[key] for r in records) / len(records) if records else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -406,7 +696,7 @@ def encode_rows(student: Student, examples: list[data.Example], tasks: list[Task
     limit = student.prompt_limit(cfg.max_input_tokens, cfg.max_target_tokens)
     rows = []
     for ex in examples:
-        rows.append([(t, student.fit_prompt(ex, task.prefix, limit),
+        rows.append([(t, student.fit_prompt(ex, task.prefix, student.boundary(task.name), limit),
                       student.encode_target(task.targets[ex.id])[:cfg.max_target_tokens])
                      for t, task in enumerate(tasks) if ex.id in task.targets])
     return rows
@@ -447,12 +737,13 @@ def micro_batch_loss(student: Student, micro: list[tuple], weights: Tensor, task
     whole step). Normalising by the step's token count makes micro-batches and ranks add up exactly to the
     per-task mean token cross-entropy of the full batch; `world` undoes DDP's gradient averaging.
     Returns the loss to backpropagate and this micro-batch's share of each task's loss (n_tasks,)."""
-    task = torch.tensor([t for t, _, _ in micro], device=student.device)
+    task = torch.tensor([t for t, _, _ in micro], device=student.device)  # (R,)
+    per_token = weights * world / task_tokens.clamp(min=1)  # (n_tasks,): w_t / (task t's tokens in the step)
     with student.autocast():
-        row_sums = student.row_loss_sums([(p, tgt) for _, p, tgt in micro])  # (R,)
-    task_sums = torch.zeros(len(weights), device=student.device).index_add_(0, task, row_sums.float())
-    task_losses = task_sums / task_tokens.clamp(min=1)  # (n_tasks,)
-    return (weights * task_losses).sum() * world, task_losses.detach()
+        loss, losses, token_rows = student.target_loss([(p, tgt) for _, p, tgt in micro], per_token[task])
+    token_task = task[token_rows]  # (N,)
+    task_sums = torch.zeros(len(weights), device=student.device).index_add_(0, token_task, losses.float())
+    return loss, task_sums / task_tokens.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -615,6 +906,11 @@ class Progress:
     tokens: int = 0  # tokens since the last log
     lr: float = 0.0  # the learning rate of the last step
     log_time: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # this invocation's start
+    seconds_before: float = 0.0  # wall time of the interrupted invocations this one resumes
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -632,8 +928,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
 
     limit = cfg.limit or None  # never the test split while training: best is chosen on valid
-    train_examples = data.train_subset(data.load_split(cfg.dataset, "train", cfg.data), cfg.train_fraction,
-                                       cfg.seed)[:limit]
+    train_examples = data.load_split(cfg.dataset, "train", cfg.data, limit=cfg.train_limit or None)
+    train_examples = data.train_subset(train_examples, cfg.train_fraction, cfg.seed)[:limit]
     valid_examples = data.load_split(cfg.dataset, "valid", cfg.data, limit=limit)
     tasks = build_tasks(cfg, train_examples, log)
     weights = torch.tensor([task.weight for task in tasks], device=device)
@@ -649,7 +945,11 @@ def train(cfg: TrainConfig) -> Path:
         check_resumable(cfg, resume_state["config"])
     # A LoRA run's last/ holds merged weights: resume from the frozen base plus the saved adapters.
     source = str(run / "last") if resume_state and cfg.method != "lora" else cfg.student
-    student = load_student(source, device, bool(cfg.bf16))
+    student = load_student(source, device, bool(cfg.bf16), chat=cfg.chat, boundary=cfg.boundary)
+    if cfg.checkpointing:
+        for module in student.module.modules():
+            if hasattr(module, "checkpointing"):  # t5.Stack, llama.Llama
+                module.checkpointing = True
     if cfg.method == "lora":
         log(f"lora: rank {cfg.lora_rank} adapters on {add_lora(student.module, cfg.lora_rank, cfg.lora_alpha)} "
             "attention projections, base frozen")
@@ -672,10 +972,11 @@ def train(cfg: TrainConfig) -> Path:
         scheduler.load_state_dict(resume_state["scheduler"])
         progress.step = progress.logged_step = resume_state["step"]
         progress.best_accuracy, progress.best_step = resume_state["best_accuracy"], resume_state["best_step"]
+        progress.seconds_before = resume_state.get("seconds", 0.0)
         log(f"resuming {run} at step {progress.step}/{total}")
-    if world > 1:
-        student.model = nn.parallel.DistributedDataParallel(
-            student.module, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1:  # DDP wraps the model with its loss, so that one forward is the whole objective
+        student.train_objective = nn.parallel.DistributedDataParallel(
+            student.objective, device_ids=[device.index] if device.type == "cuda" else None)
     metrics = run / "metrics.jsonl"
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
@@ -697,7 +998,7 @@ def train(cfg: TrainConfig) -> Path:
         try:
             for j, micro in enumerate(micro_batches):
                 sync = j == len(micro_batches) - 1 or world == 1
-                with contextlib.nullcontext() if sync else student.model.no_sync():
+                with contextlib.nullcontext() if sync else student.train_objective.no_sync():
                     loss, task_losses = micro_batch_loss(student, micro, weights, task_tokens, world)
                     loss.backward()
                 step_losses[slot] += task_losses
@@ -729,6 +1030,10 @@ def train(cfg: TrainConfig) -> Path:
     if world > 1:
         dist.barrier()
     best = run / "best"
+    if rank == 0:  # what the table shows as the run's training time
+        summary = {"seconds": round(progress.seconds(), 1), "steps": step, "examples": len(train_examples),
+                   "best_step": progress.best_step, "best_valid_accuracy": progress.best_accuracy}
+        tinyllm.atomic_write(run / "train.json", (json.dumps(summary, indent=2) + "\n").encode())
     log(f"checkpoint: {best} (valid accuracy {progress.best_accuracy:.4f} at step {progress.best_step}); "
         f"last: {run / 'last'} (step {step}/{total}); metrics: {metrics}")
     return best
@@ -782,6 +1087,7 @@ def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, progres
     """RUN/last with what RESUME=1 needs: optimizer, scheduler, step, best so far (and LoRA adapters)."""
     if rank == 0:
         state = {"step": progress.step, "best_accuracy": progress.best_accuracy, "best_step": progress.best_step,
+                 "seconds": progress.seconds(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "config": dataclasses.asdict(cfg)}
         if cfg.method == "lora":
@@ -791,7 +1097,8 @@ def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, progres
         dist.barrier()
 
 
-RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha", "limit", "train_fraction", "batch_size", "epochs",
+RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha", "limit", "train_limit",
+                 "train_fraction", "chat", "boundary", "batch_size", "epochs",
                  "seed", "lr", "warmup_steps", "max_input_tokens", "max_target_tokens", "lora_rank", "lora_alpha")
 
 

@@ -3,11 +3,13 @@ whole pipeline (rationales -> train -> eval, the three CLIs the Makefile runs) o
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +33,8 @@ class HandMadeStudent(train.Student):
     kind = "hand"
 
     def __init__(self, outputs: dict[str, str], scores: dict[str, list[float]] | None = None):
-        super().__init__(torch.nn.Linear(1, 1), tokenizer=None, device=torch.device("cpu"), bf16=False)
+        model = torch.nn.Linear(1, 1)
+        super().__init__(model, tokenizer=None, device=torch.device("cpu"), bf16=False, objective=model)
         self.outputs, self.scores = outputs, scores or {}
         self.by_prompt = {}
 
@@ -46,13 +49,11 @@ class HandMadeStudent(train.Student):
     def generate(self, prompt_rows: list[list[int]], max_new_tokens: int) -> list[str]:
         return [self.outputs[EXAMPLES[row[0]].id] for row in prompt_rows]
 
-    def log_likelihood(self, rows):
-        out, seen = [], {}
-        for prompt, _ in rows:
-            ex = EXAMPLES[prompt[0]]
-            k = seen[ex.id] = seen.get(ex.id, -1) + 1
-            out.append(self.scores[ex.id][k])
-        return torch.tensor(out)
+    def encode_option(self, text: str) -> list[int]:
+        return [hash(text) % 1000]
+
+    def score_options(self, prompt_rows, options):
+        return [self.scores[EXAMPLES[row[0]].id] for row in prompt_rows]
 
 
 def test_accuracy_of_hand_made_outputs():
@@ -75,16 +76,46 @@ def test_rank_scoring_picks_the_most_likely_option():
         train.predict(HandMadeStudent({}), EXAMPLES, "best")
 
 
-def test_rank_scores_are_log_likelihoods_of_the_answer_text(tiny_t5):
-    student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
-    records = train.predict(student, EXAMPLES[:2], "rank")
+def test_rank_sum_and_norm_disagree_on_a_hand_made_case():
+    """lm-evaluation-harness's acc (summed log-likelihood) favours short options; acc_norm divides by the
+    option's length in UTF-8 bytes. q1's options are 5, 5 and 3 bytes; q3's 4, 4, 3, 3."""
+    scores = {"q1": [-5.0, -6.0, -4.0], "q2": [-2.0, -4.0], "q3": [-4.0, -9.0, -3.5, -7.0], "q4": [-4.0, -3.0]}
+    records = train.predict(HandMadeStudent({}, scores), EXAMPLES, "rank")
+    assert [r["lengths"] for r in records][0] == [5, 5, 3]
+    assert [r["prediction_sum"] for r in records] == [2, 0, 2, 1]  # q1: -4 is the largest sum ("sky")
+    assert [r["prediction_norm"] for r in records] == [0, 0, 0, 1]  # q1: -5/5 = -1.0 > -4/3; q3: -1.0 > -3.5/3
+    assert [r["correct_sum"] for r in records] == [False, True, False, True]
+    assert [r["correct_norm"] for r in records] == [False, True, True, True]
+    assert [r["prediction"] for r in records] == [r["prediction_sum"] for r in records]  # rank's own is acc
+    results = evaluation.split_results(records, ["rank"])
+    assert results == {"accuracy": 0.5, "n": 4, "accuracy_sum": 0.5, "accuracy_norm": 0.75}
+
+
+def test_generate_and_rank_in_one_run():
+    gold = {"q1": "blood", "q2": "fire", "q3": "fish", "q4": "bird"}
+    scores = {"q1": [-5.0, -6.0, -4.0], "q2": [-2.0, -4.0], "q3": [-4.0, -9.0, -3.5, -7.0], "q4": [-4.0, -3.0]}
+    records = train.predict(HandMadeStudent(gold, scores), EXAMPLES, "generate,rank")
+    results = evaluation.split_results(records, ["generate", "rank"])
+    assert results == {"accuracy": 0.75, "n": 4, "accuracy_generate": 0.75, "accuracy_sum": 0.5,
+                       "accuracy_norm": 0.75}
+    assert records[1]["output"] == "fire" and records[1]["scores"] == scores["q2"]
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_rank_scores_equal_one_forward_per_option(kind, request):
+    """One prompt pass per question (T5: the encoder once, options as decoder rows over it; decoder-only:
+    the prompt prefilled once, options continuing from its cache) gives the log-likelihood of running the
+    prompt and each option's tokens as one sequence, the way per-option scoring does."""
+    from test_train import padded_token_losses
+
+    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
+    records = train.predict(student, EXAMPLES, "rank", batch_size=3)  # padded prompts, a 3 + 1 split
     for ex, record in zip(EXAMPLES, records):
-        prompt = student.fit_prompt(ex, prompts.ANSWER_PREFIX, 1024)
-        for option, score in enumerate(record["scores"]):
-            target = student.encode_target(ex.options[option])
-            batch = student.collate([(prompt, target)])
-            expected = -student.token_losses(batch).sum().item()
-            assert score == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        prompt = student.fit_prompt(ex, prompts.ANSWER_PREFIX, student.boundary("answer"), 1024)
+        options = [student.encode_option(option) for option in ex.options]
+        assert record["tokens"] == [len(o) for o in options] and min(record["tokens"]) > 0
+        expected = -padded_token_losses(student, [(prompt, option) for option in options])
+        assert record["scores"] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-4)
         assert record["prediction"] == max(range(len(ex.options)), key=record["scores"].__getitem__)
 
 
@@ -97,13 +128,14 @@ def test_evaluate_writes_results_and_predictions(tmp_path, monkeypatch, capsys):
                                                     f"--out={tmp_path}", "--limit=3"])
     evaluation.evaluate(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["test"] == {"accuracy": 1.0, "n": 3} and results["valid"] == {"accuracy": 1.0, "n": 1}
+    assert results["test"] == {"accuracy": 1.0, "n": 3, "accuracy_generate": 1.0}
+    assert results["valid"] == {"accuracy": 1.0, "n": 1, "accuracy_generate": 1.0}
     assert results["model"] == "some/model" and results["method"] == "finetune"
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [(p["split"], p["id"], p["correct"]) for p in predictions] == [
         ("test", "q1", True), ("test", "q2", True), ("test", "q3", True), ("valid", "q1", True)]
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("obqa test: accuracy 1.0000 (3/3)") and out[1].startswith("obqa valid: accuracy")
+    assert out[0].startswith("obqa test: accuracy 1.0000, accuracy_generate 1.0000 (n=3)") and out[1].startswith("obqa valid: accuracy")
     assert out[-1].startswith(f"results: {tmp_path / 'results.json'}")
 
 
@@ -117,11 +149,18 @@ def test_table_is_shaped_like_table_1(tmp_path):
         (tmp_path / "obqa" / run / "results.json").write_text(json.dumps(results))
     text = evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path)))
     assert text.splitlines() == [
-        "| Method | obqa |", "|---|---:|",
+        "obqa test, accuracy: accuracy (each run's --scoring)", "| Method | obqa |", "|---|---:|",
         "| Inference | 30.00 |", "| Fine-tune | 50.00 |", "| KD | 48.00 |",
         "| DSS-flan-t5-xl | 52.00 |", "| DSS-llama-2 | 55.00 |", "| TinyLLM | 60.00 |",
         "| Δ_FF | +20.00% (+10.00 pts) |",  # (60 - 50) / 50
-        "| Δ_Distill | +9.09% (+5.00 pts) |"]  # vs the best distillation baseline, DSS-llama-2
+        "| Δ_Distill | +9.09% (+5.00 pts) |",  # vs the best distillation baseline, DSS-llama-2
+        "", "Paired differences on the test questions (points; 95% paired bootstrap interval, 10,000 resamples, "
+        "seed 0; exact McNemar p; b / c = questions only the first / only the second gets right):",
+        "", "accuracy:", "| comparison | Δ | 95% CI | McNemar p | b / c |", "|---|---:|---:|---:|---:|",
+        f"| TinyLLM − Fine-tune | no {tmp_path}/obqa/tinyllm/predictions.jsonl or {tmp_path}/obqa/finetune/"
+        "predictions.jsonl: run `make eval` | | | |",
+        f"| TinyLLM − DSS-llama-2 | no {tmp_path}/obqa/tinyllm/predictions.jsonl or {tmp_path}/obqa/dss-llama-2/"
+        "predictions.jsonl: run `make eval` | | | |"]
     with pytest.raises(SystemExit, match="no results in"):
         evaluation.table(evaluation.TableConfig(dataset="arc", out=str(tmp_path)))
     assert evaluation.delta(0.25, 0.0) == "n/a (+25.00 pts)"  # a baseline at 0% has no relative Δ
@@ -157,3 +196,55 @@ def test_pipeline_end_to_end_with_release_teachers(tiny_t5, assets, serve_folder
     assert out.strip().splitlines()[-1].startswith(f"results: {run / 'results.json'}")
     out = cli(str(REPO / "eval.py"), "table", "--dataset=obqa", f"--out={tmp_path / 'out'}")
     assert "| TinyLLM |" in out
+
+
+def test_paired_statistics_against_direct_computation():
+    """Hand-made predictions on 500 questions: 40 only ours gets right, 25 only the baseline, 300 both."""
+    ours = [True] * 40 + [False] * 25 + [True] * 300 + [False] * 135
+    base = [False] * 40 + [True] * 25 + [True] * 300 + [False] * 135
+    p, b, c = evaluation.mcnemar_exact(ours, base)
+    assert (b, c) == (40, 25)
+    direct = 2 * sum(math.comb(65, i) for i in range(26)) / 2 ** 65  # P(X <= 25), X ~ Binomial(65, 1/2), two-sided
+    assert p == pytest.approx(direct, rel=1e-12) and 0.05 < p < 0.1
+    assert evaluation.mcnemar_exact([True, False], [True, False]) == (1.0, 0, 0)  # no discordant pair
+    assert evaluation.mcnemar_exact([True] * 6, [False] * 6)[0] == pytest.approx(2 / 64)  # 2 · 0.5^6
+
+    diff, low, high = evaluation.paired_bootstrap(ours, base, resamples=4000, seed=0)
+    assert diff == pytest.approx(3.0)  # (40 - 25) / 500
+    d = np.array(ours, float) - np.array(base, float)
+    half = 1.96 * d.std() / np.sqrt(len(d)) * 100  # the normal approximation of the same interval
+    assert low < diff < high and (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert evaluation.paired_bootstrap(ours, base, 4000, 0) == (diff, low, high)  # fixed seed: reproducible
+    assert evaluation.paired_bootstrap(ours, ours, 2000, 0) == (0.0, 0.0, 0.0)
+    assert evaluation.paired_bootstrap([True] * 9, [False] * 9, 2000, 0) == (100.0, 100.0, 100.0)
+
+
+def test_table_metric_columns_and_paired_rows(tmp_path):
+    """Runs with rank and generate metrics: --metric picks the columns, the paired rows pair predictions by id."""
+    correct = {"finetune": [1, 1, 0, 0, 1, 0], "dss-t1": [1, 0, 1, 0, 0, 0], "tinyllm": [1, 1, 1, 1, 0, 0]}
+    for run, flags in correct.items():
+        folder = tmp_path / "obqa" / run
+        folder.mkdir(parents=True)
+        acc = sum(flags) / len(flags)
+        split = {"accuracy": acc, "n": 6, "accuracy_sum": acc, "accuracy_norm": 0.5, "accuracy_generate": 0.25}
+        (folder / "results.json").write_text(json.dumps(
+            {"test": split, "valid": split, "method": run.split("-")[0], "eval_seconds": 60.0}))
+        (folder / "train.json").write_text(json.dumps({"seconds": 3600.0}))
+        records = [{"split": "test", "id": f"q{i}", "correct": bool(f), "correct_sum": bool(f),
+                    "correct_norm": i < 3, "correct_generate": i == 0} for i, f in reversed(list(enumerate(flags)))]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path),
+                                                   metric="accuracy_sum,accuracy_norm", resamples=2000))
+    lines = text.splitlines()
+    assert lines[0] == ("obqa test, accuracy_sum: rank, summed log-likelihood (acc); "
+                        "accuracy_norm: rank, per byte (acc_norm)")
+    assert lines[1:5] == ["| Method | accuracy_sum | accuracy_norm | wall time |", "|---|---:|---:|---:|",
+                          "| Fine-tune | 50.00 | 50.00 | 1:01:00 |", "| DSS-t1 | 33.33 | 50.00 | 1:01:00 |"]
+    assert "| Δ_FF | +33.33% (+16.67 pts) | +0.00% (+0.00 pts) |  |" in lines
+    sum_rows = lines[lines.index("accuracy_sum:") + 3:lines.index("accuracy_sum:") + 5]
+    assert sum_rows[0].startswith("| TinyLLM − Fine-tune | +16.67 | [") and sum_rows[0].endswith("| 1 | 2 / 1 |")
+    assert sum_rows[1].startswith("| TinyLLM − DSS-t1 | +33.33 |") and sum_rows[1].endswith(" / 0 |")
+    norm_rows = lines[lines.index("accuracy_norm:") + 3:]
+    assert norm_rows[0] == "| TinyLLM − Fine-tune | +0.00 | [+0.00, +0.00] | 1 | 0 / 0 |"
+    with pytest.raises(SystemExit, match="--metric='acc': expected one of"):
+        evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path), metric="acc"))

@@ -9,12 +9,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import prompts
+import t5
 import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,29 +72,106 @@ def loss_curve(run: Path) -> list[dict[str, float]]:
 
 # ---------------------------------------------------------------------------------------------------
 
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖ours - reference‖ / ‖reference‖: float summation order moves single elements, never the whole."""
+    return ((ours - reference).norm() / reference.norm().clamp(min=1e-30)).item()
+
+
+def padded_token_losses(student: train.Student, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """The reference: every row in one right-padded forward over full (R, T, vocab) logits, cross-entropy at
+    every label position (version 1's fused forward). (R,) summed over each row's target tokens."""
+    model = student.module
+    if student.kind == "t5":
+        input_ids = train.pad([p for p, _ in rows], 0)
+        mask = train.pad([[1] * len(p) for p, _ in rows], 0)
+        labels = train.pad([t for _, t in rows], -100)
+        logits = model(input_ids, mask, t5.shift_right(labels, 0, 0))
+    else:
+        input_ids = train.pad([p + t for p, t in rows], student.tokenizer.pad_id)
+        mask = train.pad([[1] * (len(p) + len(t)) for p, t in rows], 0)
+        labels = train.pad([[-100] * len(p) + t for p, t in rows], -100)[:, 1:]
+        logits = model(input_ids, mask)[:, :-1]
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return losses.view(labels.shape).sum(1)
+
+
 @pytest.mark.parametrize("kind", ["t5", "llama"])
-def test_fused_loss_equals_separate_forwards(kind, request, data_dir, cache_dir):
+def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_dir, cache_dir):
+    """train.py's step (T5: two length groups; decoder-only: rows packed with a block-diagonal mask; the LM
+    head at target positions only, chunked) gives the losses and gradients of one padded forward over full
+    logits, and each task's loss is the plain mean token cross-entropy of that task's rows alone."""
     student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
-    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir)
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, max_target_tokens=40)
     examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
     tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
     rows = train.encode_rows(student, examples, tasks, cfg)
     (micro,), task_tokens, _ = train.shard_step(rows, list(range(LIMIT)), len(tasks), 0, 1, 1)
     assert len({t for t, _, _ in micro}) == 3 and len(micro) == 3 * LIMIT - 1  # t2's degenerate one is out
+    if kind == "llama":  # shorter answer prompts, so that several rows fit in one packed sequence
+        micro = [(t, p[-40:] if t == 0 else p, tgt) for t, p, tgt in micro]
+    pairs = [(p, tgt) for _, p, tgt in micro]
+    if kind == "t5":
+        assert len(student.collate(pairs)[0]) == 2  # answers and rationales in separate forwards
+    else:
+        assert len(student.collate(pairs)[0]["input_ids"]) < len(pairs)  # several rows share a packed sequence
     weights = torch.tensor([1.0, 0.7, 0.3])
-    fused_loss, fused = train.micro_batch_loss(student, micro, weights, torch.tensor(task_tokens, dtype=torch.float),
-                                               world=1)
-    separate = []
-    for t in range(len(tasks)):  # each task alone: the plain mean token cross-entropy of its rows
-        task_rows = [(p, tgt) for task, p, tgt in micro if task == t]
-        batch = student.collate(task_rows)
-        token_losses = student.token_losses(batch)
-        n = sum(len(tgt) for _, tgt in task_rows)
+    task_tokens = torch.tensor(task_tokens, dtype=torch.float)
+    train.CE_CHUNK, chunk = 7, train.CE_CHUNK  # several chunks, the last one partial
+    try:
+        loss, task_losses = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
+        loss.backward()
+    finally:
+        train.CE_CHUNK = chunk
+    ours = {k: p.grad.clone() for k, p in student.module.named_parameters()}
+    student.module.zero_grad(set_to_none=True)
+
+    row_sums = padded_token_losses(student, pairs)
+    task = torch.tensor([t for t, _, _ in micro])
+    reference = torch.zeros(3).index_add(0, task, row_sums) / task_tokens
+    (weights * reference).sum().backward()
+    torch.testing.assert_close(task_losses, reference.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, (weights * reference).sum(), rtol=1e-5, atol=1e-6)
+    for name, p in student.module.named_parameters():
+        assert relative_error(ours[name], p.grad) <= 1e-5, name
+    for t in range(len(tasks)):  # each task alone, as the official implementation runs them
+        alone = [(p, tgt) for task_, p, tgt in micro if task_ == t]
+        n = sum(len(tgt) for _, tgt in alone)
         assert n == task_tokens[t]
-        separate.append(token_losses.sum() / n)
-    separate = torch.stack(separate)
-    torch.testing.assert_close(fused, separate.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fused_loss, (weights * separate).sum(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(task_losses[t], padded_token_losses(student, alone).sum().detach() / n,
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_activation_checkpointing_leaves_gradients_unchanged(kind, request, data_dir, cache_dir):
+    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir)
+    examples = data.load_split("obqa", "train", data_dir, limit=2)
+    tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
+    (micro,), task_tokens, _ = train.shard_step(train.encode_rows(student, examples, tasks, cfg), [0, 1],
+                                                len(tasks), 0, 1, 1)
+    grads = []
+    for checkpointing in (False, True):
+        for module in student.module.modules():
+            if hasattr(module, "checkpointing"):
+                module.checkpointing = checkpointing
+        loss, _ = train.micro_batch_loss(student, micro, torch.tensor([1.0, 0.5, 0.5]),
+                                         torch.tensor(task_tokens, dtype=torch.float), world=1)
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in student.module.named_parameters()})
+        student.module.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert relative_error(grads[1][name], grads[0][name]) <= 1e-6, name
+
+
+def test_length_groups_and_packing():
+    rows = [([1] * 10, [2] * 3), ([1] * 12, [2] * 60), ([1] * 10, [2] * 4), ([1] * 11, [2] * 50)]
+    assert train.length_groups(rows) == [[0, 2], [3, 1]]  # answers apart from rationales
+    assert train.length_groups(rows[:1]) == [[0]]
+    assert train.length_groups([([1] * 10, [2] * 5), ([1] * 10, [2] * 5)]) == [[0, 1]]  # nothing to gain
+    bins = train.pack_rows([72, 13, 14, 61, 50, 20])
+    assert bins == [[0], [3], [4, 5], [2, 1]]  # first-fit decreasing into bins of the longest row
+    assert sorted(sum(bins, [])) == list(range(6))
 
 
 @pytest.mark.parametrize("kind,method", [("t5", m) for m in ("tinyllm", "finetune", "kd", "dss", "lora")]
@@ -193,7 +273,7 @@ examples = data.load_split("obqa", "train", cfg.data, limit=cfg.limit)
 tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
 student = train.load_student(cfg.student, device, bf16=False)
 rows = train.encode_rows(student, examples, tasks, cfg)
-student.model = nn.parallel.DistributedDataParallel(student.module)
+student.train_objective = nn.parallel.DistributedDataParallel(student.objective)
 micro_batches, task_tokens, _ = train.shard_step(rows, list(range(cfg.limit)), len(tasks), rank, world, cfg.grad_accum)
 weights = torch.tensor([t.weight for t in tasks])
 for j, micro in enumerate(micro_batches):
@@ -256,8 +336,8 @@ def test_truncation_keeps_the_options_and_the_end_of_the_question(tiny_t5):
     question = " ".join(f"w{i}" for i in range(400)) + " which option is right?"
     ex = data.Example("x", question, ("alpha option", "beta option", "gamma option"), 1)
     full = student.encode_prompt(prompts.student_input(ex, prompts.ANSWER_PREFIX))
-    assert student.fit_prompt(ex, prompts.ANSWER_PREFIX, len(full)) == full  # fits: untouched
-    ids = student.fit_prompt(ex, prompts.ANSWER_PREFIX, 96)
+    assert student.fit_prompt(ex, prompts.ANSWER_PREFIX, "", len(full)) == full  # fits: untouched
+    ids = student.fit_prompt(ex, prompts.ANSWER_PREFIX, "", 96)
     text = student.tokenizer.decode(ids)
     assert len(ids) <= 96 and len(ids) >= 80, len(ids)
     assert text.startswith(prompts.ANSWER_PREFIX.strip()), text  # the task prefix survives
@@ -347,3 +427,62 @@ def test_train_fraction_takes_a_seeded_subset(tiny_t5, tmp_path, data_dir, cache
     assert len(quarter) == round(0.25 * len(full)) and len(eighth) == round(0.125 * len(full))
     assert set(eighth) < set(quarter) < set(full)  # nested: smaller fractions are subsets of larger ones
     assert first7 == quarter[:7]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny LLaMA with a ChatML-like chat template in its tokenizer_config.json (an instruct student)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("tiny_chat_llama") / "model"
+    shutil.copytree(tiny_llama, folder)
+    template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return folder
+
+
+@pytest.mark.parametrize("chat", [0, 1])
+def test_decoder_only_boundary_is_the_same_in_training_generation_and_ranking(chat, tiny_chat_llama, data_dir,
+                                                                               cache_dir, monkeypatch):
+    """fit_prompt builds every input: the answer rows trained on, the prompts answers are generated from and
+    the prompts options are ranked after are the same ids, ending with the boundary line (in the chat
+    template's user turn, followed by the assistant header, with --chat=1)."""
+    student = train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, chat=chat)
+    assert student.chat == bool(chat) and student.with_boundary and student.input_format() == ["boundary", "chat"][chat]
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, max_target_tokens=200)
+    examples = data.load_split("obqa", "train", data_dir, limit=2)
+    tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
+    rows = train.encode_rows(student, examples, tasks, cfg)
+    seen = {"generate": [], "rank": []}
+    monkeypatch.setattr(student, "generate", lambda p, n: seen["generate"].extend(p) or [""] * len(p))
+    monkeypatch.setattr(student, "score_options",
+                        lambda p, o: seen["rank"].extend(p) or [[0.0] * len(x) for x in o])
+    train.predict(student, examples, "generate,rank", max_new_tokens=cfg.max_target_tokens)
+    answer_rows = [prompt for example_rows in rows for t, prompt, _ in example_rows if t == 0]
+    assert seen["generate"] == seen["rank"] == answer_rows
+    decode = student.tokenizer.decode
+    for example_rows, example in zip(rows, examples):
+        for t, prompt, target in example_rows:
+            text = decode(prompt)
+            boundary = prompts.task_boundary(tasks[t].name)
+            assert boundary == ("Answer:" if t == 0 else f"Rationale ({tasks[t].name}):")
+            if chat:  # the template renders the input as the user turn, the target is the assistant's
+                assert text.startswith("<|user|>\n" + prompts.student_input(example, tasks[t].prefix, "").strip()[:20])
+                assert text.endswith(f"\n{boundary}<|end|>\n<|assistant|>\n"), text[-60:]
+            else:
+                assert text.endswith(f"\n{boundary}\n") and prompt[0] == student.tokenizer.bos_id, text[-60:]
+            assert target[-1] == student.tokenizer.eos_ids[0]
+
+
+def test_decoder_only_format_is_saved_with_the_checkpoint(tiny_chat_llama, tiny_t5, tmp_path):
+    student = train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, chat=0, boundary=0)
+    assert student.input_format() == "plain"
+    student.save_pretrained(tmp_path / "ckpt")
+    again = train.load_student(str(tmp_path / "ckpt"), torch.device("cpu"), bf16=False)  # -1: the checkpoint's
+    assert (again.chat, again.with_boundary) == (False, False)
+    assert train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False).input_format() == "chat"
+    with pytest.raises(SystemExit, match="--chat=1: the student .* has no chat template"):
+        train.student_format(tmp_path, SimpleNamespace(chat_template=None), 1, -1)
+    with pytest.raises(SystemExit, match="for decoder-only students"):
+        train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False, chat=1)
