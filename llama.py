@@ -253,8 +253,14 @@ class KVCache(nn.Module):
         out.k[:, :, :S], out.v[:, :, :S] = self.k[rows], self.v[rows]
         return out
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, KV, T, D) at slots start..start+T-1; return the written prefix (B, KV, start+T, D)."""
+    def update(self, start: int | Tensor, k: Tensor, v: Tensor, end: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, KV, T, D) at slots start..start+T-1; return the written prefix (B, KV, start+T, D).
+        start (B,), one token per row: row b writes at its own slot start[b] (continuous batching, where every
+        row holds a sequence of its own length), and the first `end` slots are returned."""
+        if isinstance(start, Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, start], self.v[rows, :, start] = k[:, :, 0], v[:, :, 0]  # (B, KV, D) each
+            return self.k[:, :, :end], self.v[:, :, :end]
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -272,14 +278,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, cache_start: int = 0) -> Tensor:
+                cache: KVCache | None = None, cache_start: int | Tensor = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(cache_start, k, v)  # (B, KV, cache_start + T, D)
+            # per-row slots (a tensor cache_start) read as many slots as the mask covers
+            end = mask.shape[-1] if isinstance(cache_start, Tensor) else None
+            k, v = cache.update(cache_start, k, v, end)  # (B, KV, cache_start + T, D)
         y = attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -315,7 +323,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None = None, cache_start: int = 0) -> Tensor:
+                cache: KVCache | None = None, cache_start: int | Tensor = 0) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -367,7 +375,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def hidden_states(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor | None,
-                      caches: list[KVCache] | None = None, cache_start: int = 0) -> Tensor:
+                      caches: list[KVCache] | None = None, cache_start: int | Tensor = 0) -> Tensor:
         """(B, T) ids -> (B, T, hidden) after the final norm. With caches, k/v go to slots
         cache_start.. and attention reads every slot written so far."""
         cos, sin = rope_cos_sin(self.inv_freq, position_ids)
@@ -477,6 +485,10 @@ class Llama(nn.Module):
         hf["torch_dtype"] = hf["dtype"] = str(self.lm_head.weight.dtype).removeprefix("torch.")
         _atomic_write_text(folder / "config.json", json.dumps(hf, indent=2))
 
+    def kv_dtype(self, device: torch.device) -> torch.dtype:
+        """k/v arrive in the autocast dtype when autocast is on (bf16 on CUDA), else in the weights' dtype."""
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.lm_head.weight.dtype
+
     # ------------------------------------------------------------------------------------------------
     # Scoring continuations of a shared prompt: the prompt runs once, its options read its KV cache
 
@@ -490,8 +502,7 @@ class Llama(nn.Module):
         B, T = prompt_ids.shape
         R, L = continuation_ids.shape
         cfg, device = self.config, prompt_ids.device
-        kv_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                    else self.lm_head.weight.dtype)
+        kv_dtype = self.kv_dtype(device)
         caches = [KVCache(B, cfg.num_key_value_heads, T, cfg.head_dim, kv_dtype, device)
                   for _ in range(cfg.num_hidden_layers)]
         key_valid = prompt_mask.bool()
@@ -560,9 +571,7 @@ class Llama(nn.Module):
             raise ValueError("generate needs a LEFT-padded batch: attention_mask[:, -1] must be all ones")
         S = T + max_new_tokens
         cfg = self.config
-        # k/v arrive in the autocast dtype when autocast is on (bf16 on CUDA), else in the weights' dtype
-        kv_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                    else self.lm_head.weight.dtype)
+        kv_dtype = self.kv_dtype(device)
         caches = [KVCache(B, cfg.num_key_value_heads, S, cfg.head_dim, kv_dtype, device)
                   for _ in range(cfg.num_hidden_layers)]
         key_valid = None  # an unpadded batch needs no mask: SDPA's causal kernel for the prompt
@@ -587,6 +596,84 @@ class Llama(nn.Module):
         is_eos = torch.isin(out, eos)  # a pad equal to an EOS id comes after the first EOS: harmless
         lengths = torch.where(is_eos.any(-1), is_eos.int().argmax(-1) + 1, max_new_tokens)
         return out[:, :int(lengths.max())]
+
+
+class Slots:
+    """Continuous batching (as Orca and vLLM schedule it): `rows` cache rows, each holding one sequence at its
+    own length, so that a row whose sequence has ended takes the next prompt (admit) while the others go on.
+    Every row feeds its pending token (its prompt's last token, then each token sampled for it) at its own
+    position in one shared step. tinyllm.continuous_generate is the scheduler."""
+
+    def __init__(self, model: Llama, rows: int, max_len: int, device: torch.device):
+        cfg = model.config
+        self.model, self.device = model, device
+        self.dtype = model.kv_dtype(device)
+        self.caches = [KVCache(rows, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, device)
+                       for _ in range(cfg.num_hidden_layers)]
+        for cache in self.caches:  # a short row's masked slots are read too: NaN garbage would leak through 0 weights
+            cache.k.zero_(), cache.v.zero_()
+        self.lengths = [0] * rows  # tokens in each row's cache (host: the scheduler reads it anyway)
+        self.live = [False] * rows  # a retired row feeds garbage in place, never read, until it is dropped
+        self.pending = torch.zeros(rows, dtype=torch.long, device=device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @torch.no_grad()
+    def admit(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Prompts into cache rows `rows`: all but each prompt's last token in one left-padded prefill into a
+        scratch cache, each prompt's real slots then copied to slots 0.. of its row; the last token is pending."""
+        assert all(prompts), "every prompt needs at least one token"
+        heads = [p[:-1] for p in prompts]
+        width = max(len(h) for h in heads)
+        if width:
+            ids = torch.zeros(len(heads), width, dtype=torch.long)
+            mask = torch.zeros(len(heads), width, dtype=torch.long)
+            for j, h in enumerate(heads):
+                if h:
+                    ids[j, width - len(h):], mask[j, width - len(h):] = torch.tensor(h), 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            cfg = self.model.config
+            scratch = [KVCache(len(heads), cfg.num_key_value_heads, width, cfg.head_dim, self.dtype, self.device)
+                       for _ in range(cfg.num_hidden_layers)]
+            padded = not bool(mask.all())
+            self.model.hidden_states(ids, positions_from_mask(mask), padding_causal_mask(mask) if padded else None,
+                                     scratch)  # the head is not needed: the last prompt token comes in step()
+            for j, (row, h) in enumerate(zip(rows, heads)):
+                for cache, part in zip(self.caches, scratch):
+                    cache.k[row, :, :len(h)] = part.k[j, :, width - len(h):]
+                    cache.v[row, :, :len(h)] = part.v[j, :, width - len(h):]
+        for row, h in zip(rows, heads):
+            self.lengths[row], self.live[row] = len(h), True
+        self.pending[torch.tensor(rows, device=self.device)] = torch.tensor([p[-1] for p in prompts], device=self.device)
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """Each row's pending token at position = its length, written at that slot; attention reads slots
+        0..length of its own row. Next-token logits (rows, vocab)."""
+        position = torch.tensor(self.lengths, device=self.device)  # (rows,)
+        slots = torch.arange(max(self.lengths) + 1, device=self.device)
+        mask = (slots[None, :] <= position[:, None])[:, None, None, :]  # (rows, 1, 1, max length + 1)
+        hidden = self.model.hidden_states(self.pending[:, None], position[:, None], mask, self.caches, position)
+        self.lengths = [n + live for n, live in zip(self.lengths, self.live)]
+        return self.model.lm_head(hidden[:, 0])
+
+    def feed(self, tokens: Tensor) -> None:
+        """The tokens (rows,) each row feeds at the next step."""
+        self.pending = tokens
+
+    def retire(self, row: int) -> None:
+        self.live[row] = False
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` stay (renumbered 0..len(rows)-1): once no prompt waits, finished rows cost compute."""
+        index = torch.tensor(rows, device=self.device)
+        for cache in self.caches:
+            cache.k, cache.v = cache.k[index], cache.v[index]
+        self.lengths = [self.lengths[r] for r in rows]
+        self.live = [self.live[r] for r in rows]
+        self.pending = self.pending[index]
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:

@@ -304,17 +304,20 @@ class Block(nn.Module):
             x = self.layer[1](x, encoder_out, cross_bias, encoder_rows)
         return self.layer[-1](x)
 
-    def forward_step(self, x: Tensor, position: int, self_bias: Tensor, cache: DecoderCache, index: int) -> Tensor:
+    def forward_step(self, x: Tensor, position: int | Tensor, self_bias: Tensor, cache: DecoderCache,
+                     index: int) -> Tensor:
         """One decoder token x (B,1,d_model) at `position`: its K/V are written into the preallocated cache,
         and the query attends over the prefix written so far, `[:position + 1]` (a view of the static buffer;
-        reading the whole buffer would cost attention over T_max slots at every step)."""
+        reading the whole buffer would cost attention over T_max slots at every step). position (B,): each row
+        at its own position (continuous batching), reading as many slots as self_bias covers."""
         self_layer, cross_layer, ff_layer = self.layer
         attn = self_layer.SelfAttention
         h = self_layer.layer_norm(x)
         self_k, self_v = cache.self_k[index], cache.self_v[index]
-        self_k[:, :, position] = attn.heads(attn.k(h))[:, :, 0]
-        self_v[:, :, position] = attn.heads(attn.v(h))[:, :, 0]
-        prefix = slice(0, position + 1)
+        rows = torch.arange(x.shape[0], device=x.device) if isinstance(position, Tensor) else slice(None)
+        self_k[rows, :, position] = attn.heads(attn.k(h))[:, :, 0]  # (B, H, d_kv) at each row's position
+        self_v[rows, :, position] = attn.heads(attn.v(h))[:, :, 0]
+        prefix = slice(0, self_bias.shape[-1])
         x = x + attn.attend(attn.heads(attn.q(h)), self_k[:, :, prefix], self_v[:, :, prefix], self_bias)
         cross = cross_layer.EncDecAttention
         h = cross_layer.layer_norm(x)
@@ -555,6 +558,82 @@ class T5(nn.Module):
         is_eos = out == eos_id
         lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, max_new_tokens)
         return out[:, :int(lengths.max())]
+
+
+class Slots:
+    """Continuous batching (as Orca and vLLM schedule it): `rows` decoder rows, each decoding its own input at
+    its own position, so that a row whose output has ended takes the next prompt (admit: its encoder output's
+    cross-attention K/V written into the row) while the others go on. tinyllm.continuous_generate schedules."""
+
+    def __init__(self, model: T5, rows: int, max_new_tokens: int, max_source: int, device: torch.device):
+        c = model.config
+        self.model, self.device = model, device
+        self.dtype = dtype = compute_dtype(model.shared.weight)
+        zeros = lambda length: [torch.zeros(rows, c.num_heads, length, c.d_kv, dtype=dtype, device=device)  # noqa: E731
+                                for _ in range(c.num_decoder_layers)]
+        steps = max_new_tokens + 1  # a finished row, until dropped, feeds in place one slot past its last token
+        self.cache = DecoderCache(zeros(steps), zeros(steps), zeros(max_source), zeros(max_source),
+                                  (model.decoder.relative_attention.position_bias(steps, steps).float()
+                                   + causal_bias(steps, torch.float32, device)).to(dtype), None)
+        self.source_valid = torch.zeros(rows, max_source, dtype=torch.bool, device=device)
+        self.positions = [0] * rows  # decoder tokens so far per row (host)
+        self.live = [False] * rows
+        self.pending = torch.zeros(rows, dtype=torch.long, device=device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    @torch.no_grad()
+    def admit(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Encode the prompts (one right-padded batch) and write their cross-attention K/V into rows `rows`;
+        each row restarts at decoder position 0 with the decoder start token pending."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, :len(p)], mask[j, :len(p)] = torch.tensor(p), 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        encoder_out = self.model.encode(ids, mask_if_padded(mask))
+        index = torch.tensor(rows, device=self.device)
+        for block, cross_k, cross_v in zip(self.model.decoder.block, self.cache.cross_k, self.cache.cross_v):
+            attention = block.layer[1].EncDecAttention
+            cross_k[index, :, :width] = attention.heads(attention.k(encoder_out)).to(self.dtype)
+            cross_v[index, :, :width] = attention.heads(attention.v(encoder_out)).to(self.dtype)
+        self.source_valid[index] = False
+        self.source_valid[index, :width] = mask.bool()
+        for row in rows:
+            self.positions[row], self.live[row] = 0, True
+        self.pending[index] = self.model.config.decoder_start_token_id
+
+    @torch.no_grad()
+    def step(self) -> Tensor:
+        """Each row's pending token at its own decoder position: next-token logits (rows, vocab)."""
+        position = torch.tensor(self.positions, device=self.device)
+        length = max(self.positions) + 1
+        self.cache.cross_bias = padding_bias(self.source_valid, self.dtype)  # (rows, 1, 1, max_source)
+        self_bias = self.cache.self_bias[0][:, position, :length].transpose(0, 1)[:, :, None]  # (rows, H, 1, length)
+        x = self.model.shared(self.pending[:, None])
+        for i, block in enumerate(self.model.decoder.block):
+            x = block.forward_step(x, position, self_bias, self.cache, i)
+        self.positions = [n + live for n, live in zip(self.positions, self.live)]
+        return self.model.lm_logits(self.model.decoder.final_layer_norm(x))[:, 0]
+
+    def feed(self, tokens: Tensor) -> None:
+        self.pending = tokens
+
+    def retire(self, row: int) -> None:
+        self.live[row] = False
+
+    def keep(self, rows: list[int]) -> None:
+        """Only `rows` stay (renumbered): once no prompt waits, finished rows cost compute."""
+        index = torch.tensor(rows, device=self.device)
+        for buffers in (self.cache.self_k, self.cache.self_v, self.cache.cross_k, self.cache.cross_v):
+            buffers[:] = [b[index] for b in buffers]
+        self.source_valid = self.source_valid[index]
+        self.positions = [self.positions[r] for r in rows]
+        self.live = [self.live[r] for r in rows]
+        self.pending = self.pending[index]
 
 
 def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:

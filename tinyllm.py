@@ -18,6 +18,7 @@ and one line in TEACHER_KINDS.
 References: TinyLLM (Tian et al., arXiv 2402.04616); the Hugging Face hub's file layout
 `/{repo}/resolve/{revision}/{file}`; the OpenAI HTTP API (`/v1/completions`, `/v1/chat/completions`).
 """
+import collections
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import requests
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import data
 import llama
@@ -331,47 +332,82 @@ class LocalTeacher:
             return self.tokenizer.encode(text, bos=False)
         return self.tokenizer.encode(prompt, bos=True)
 
-    @torch.inference_mode()
     def generate(self, jobs: list[Job]) -> list[str | Exception]:
-        cfg, tok = self.cfg, self.tokenizer
-        encoded = [self.encode(job.prompt) for job in jobs]
         results: list[str | Exception] = [""] * len(jobs)
-        rows = []
+        for i, output in self.stream(jobs):
+            results[i] = output
+        return results
+
+    @torch.inference_mode()
+    def stream(self, jobs: list[Job]) -> typing.Iterator[tuple[int, str | Exception]]:
+        """(job index, rationale) as rows finish: continuous batching over all of `jobs` with --batch_size rows
+        (a finished row takes the next prompt at once); a prompt too long for the model is an error record."""
+        cfg = self.cfg
+        encoded = [self.encode(job.prompt) for job in jobs]
+        fits = []
         for i, ids in enumerate(encoded):
             if self.max_positions is not None and len(ids) + cfg.max_new_tokens > self.max_positions:
-                results[i] = ValueError(f"prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} "
-                                        f"exceeds the model's {self.max_positions} positions")
+                yield i, ValueError(f"prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                                    f"model's {self.max_positions} positions")
             else:
-                rows.append(i)
-        if not rows:
-            return results
-        width = max(len(encoded[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, i in enumerate(rows):
-            ids = torch.tensor(encoded[i])
-            # T5's encoder takes right padding; a decoder-only model continues the prompt, so left
-            if self.kind == "t5":
-                input_ids[row, :len(ids)], attention_mask[row, :len(ids)] = ids, 1
-            else:
-                input_ids[row, width - len(ids):], attention_mask[row, width - len(ids):] = ids, 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        sampling = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        generator=self.generator)
+                fits.append(i)
+        if not fits:
+            return
+        rows, device = min(cfg.batch_size, len(fits)), torch.device(self.device)
+        prompts_ = [encoded[i] for i in fits]
         if self.kind == "t5":
-            out = self.model.generate(input_ids, attention_mask, eos_id=tok.eos_id, **sampling)
-            eos_ids = [tok.eos_id]
+            slots = t5.Slots(self.model, rows, cfg.max_new_tokens, max(len(p) for p in prompts_), device)
+            eos_ids = {self.tokenizer.eos_id}
         else:
-            out = self.model.generate(input_ids, attention_mask, eos_ids=tuple(tok.eos_ids), **sampling)
-            eos_ids = list(tok.eos_ids)
-        out = out.cpu()  # (len(rows), <=max_new_tokens)
-        for row, i in enumerate(rows):
-            ids = out[row].tolist()
-            ends = [n for n, t in enumerate(ids) if t in eos_ids]
-            ids = ids[:ends[0] + 1] if ends else ids
+            slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device)
+            eos_ids = set(self.tokenizer.eos_ids)
+        model_file = t5 if self.kind == "t5" else llama
+        sample = lambda logits: model_file.sample(logits, cfg.temperature, cfg.top_p, self.generator)  # noqa: E731
+        for j, ids in continuous_generate(slots, prompts_, [cfg.max_new_tokens] * len(prompts_), eos_ids, sample):
             self.tokens += len(ids)
-            results[i] = tok.decode(ids)
-        return results
+            yield fits[j], self.tokenizer.decode(ids)
+
+
+def continuous_generate(slots, prompts_: list[list[int]], limits: list[int], eos_ids: set[int],
+                        sample: typing.Callable[[Tensor], Tensor]) -> typing.Iterator[tuple[int, list[int]]]:
+    """Continuous batching over `prompts_` with a model's Slots (llama.Slots, t5.Slots): every step feeds one
+    token per row; a row whose output ended (an EOS, kept, or its limit) is yielded as (prompt index, new
+    ids) and takes the next waiting prompt, so the batch stays full until the queue is empty. Then the
+    finished rows are dropped, once they are a quarter of the batch, so the tail costs only what still
+    runs. Greedy output is that of decoding each prompt alone."""
+    queue = collections.deque(range(len(prompts_)))
+    owner: list[int | None] = [None] * slots.rows  # prompt index of each row
+    outputs: dict[int, list[int]] = {}
+
+    def admit(rows: list[int]) -> None:
+        taken = [queue.popleft() for _ in range(min(len(rows), len(queue)))]
+        if taken:
+            slots.admit(rows[:len(taken)], [prompts_[i] for i in taken])
+            for row, i in zip(rows, taken):
+                owner[row], outputs[i] = i, []
+
+    admit(list(range(slots.rows)))
+    while any(i is not None for i in owner):
+        tokens = sample(slots.step())  # (rows,)
+        slots.feed(tokens)
+        finished = []
+        for row, token in enumerate(tokens.tolist()):  # the step's one host sync
+            i = owner[row]
+            if i is None:
+                continue
+            outputs[i].append(token)
+            if token in eos_ids or len(outputs[i]) >= limits[i]:
+                yield i, outputs.pop(i)
+                owner[row] = None
+                slots.retire(row)
+                finished.append(row)
+        if queue:
+            admit(finished)
+        elif finished:
+            live = [row for row, i in enumerate(owner) if i is not None]
+            if live and len(live) <= 0.75 * len(owner):
+                slots.keep(live)
+                owner = [owner[row] for row in live]
 
 
 class OpenAITeacher:
@@ -666,9 +702,7 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
     progress = Progress(name, len(todo))
     try:
         batch_size = getattr(teacher, "batch_size", cfg.batch_size)
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            outputs = teacher.generate(batch)
+        for batch, outputs in output_batches(teacher, todo, batch_size):
             assert len(outputs) == len(batch), f"{name}: {len(outputs)} outputs for {len(batch)} jobs"
             records, stop = [], None
             for job, output in zip(batch, outputs):
@@ -685,6 +719,25 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
     finally:
         writer.close()
     return None
+
+
+def output_batches(teacher, todo: list[Job], batch_size: int) -> typing.Iterator[tuple[list[Job], list]]:
+    """(jobs, their outputs) in groups of `batch_size`, each written to the cache as it comes: from
+    teacher.generate per group, or, for a teacher with `stream(jobs)` (a local model decoding with continuous
+    batching over the whole queue), in the order its rows finish."""
+    if not hasattr(teacher, "stream"):
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            yield batch, teacher.generate(batch)
+        return
+    done: list[tuple[Job, str | Exception]] = []
+    for index, output in teacher.stream(todo):
+        done.append((todo[index], output))
+        if len(done) == batch_size:
+            yield [job for job, _ in done], [output for _, output in done]
+            done = []
+    if done:
+        yield [job for job, _ in done], [output for _, output in done]
 
 
 def make_record(name: str, source: str, settings: dict, job: Job, output: str | Exception,

@@ -153,3 +153,16 @@ def tiny_llama(tmp_path_factory, assets) -> Path:
     """Random weights over the stories260K 512-token vocabulary (small and real)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"),
                            assets / "stories260K" / "tok512.model", vocab_size=512)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny LLaMA with a chat template: a chat model (teacher or instruction-tuned student)."""
+    folder = tmp_path_factory.mktemp("tiny_chat_llama")
+    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return folder

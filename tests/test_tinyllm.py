@@ -494,19 +494,6 @@ def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5, capsys
     assert {i: r["prompt_sha256"] for i, r in resumed.items()} == {i: r["prompt_sha256"] for i, r in whole.items()}
 
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}[assistant]{% endif %}")
-
-
-@pytest.fixture(scope="session")
-def tiny_chat_llama(tmp_path_factory, tiny_llama) -> Path:
-    """The tiny LLaMA with a chat template: a chat model."""
-    import shutil
-    folder = tmp_path_factory.mktemp("tiny_chat_llama")
-    shutil.copytree(tiny_llama, folder, dirs_exist_ok=True)
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return folder
-
 
 def test_local_llama_teacher_chat_template_and_batching(tmp_path, obqa_data, tiny_llama, tiny_chat_llama):
     cfg = tinyllm.RationalesConfig(max_new_tokens=12)
@@ -545,3 +532,43 @@ def test_load_model_reads_the_kind_from_config(tiny_t5, tiny_llama, tmp_path, hu
     (bad / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match=r"bert/config.json: .*bert"):
         tinyllm.load_model(str(bad))
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_continuous_batching_equals_decoding_each_prompt_alone(kind, tiny_llama, tiny_t5):
+    """Seven prompts of different lengths through 3 rows: rows stop at different steps (an EOS that greedy
+    decoding meets at different steps, or the row's own limit), refill from the queue, then shrink. Every
+    output is the one-prompt-at-a-time greedy output."""
+    import llama
+    import t5
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    model = llama.Llama.from_pretrained(tiny_llama) if kind == "llama" else t5.T5.from_pretrained(tiny_t5)
+    vocab = model.config.vocab_size
+    prompts_ = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (5, 17, 9, 30, 2, 12, 8)]
+    limits = [20, 3, 15, 9, 25, 1, 12]
+
+    def alone(prompt: list[int], limit: int, eos: set[int]) -> list[int]:
+        ids = torch.tensor([prompt])
+        if kind == "llama":
+            out = model.generate(ids, None, limit, eos_ids=list(eos))[0].tolist()
+        else:
+            out = model.generate(ids, torch.ones_like(ids), limit, eos_id=next(iter(eos)) if eos else -1)[0].tolist()
+        ends = [i for i, token in enumerate(out) if token in eos]
+        return out[:ends[0] + 1] if ends else out
+
+    free_running = [alone(p, n, set()) for p, n in zip(prompts_, limits)]
+    eos = {free_running[0][6]}  # met at step 7 by the first prompt, at other steps (or never) by the others
+    expected = [alone(p, n, eos) for p, n in zip(prompts_, limits)]
+    assert len({len(e) for e in expected}) >= 4  # rows really stop at different steps
+    if kind == "llama":
+        slots = llama.Slots(model, 3, max(len(p) + n for p, n in zip(prompts_, limits)), torch.device("cpu"))
+    else:
+        slots = t5.Slots(model, 3, max(limits), max(len(p) for p in prompts_), torch.device("cpu"))
+    order = []
+    for i, ids in tinyllm.continuous_generate(slots, prompts_, limits, eos, lambda logits: logits.argmax(-1)):
+        order.append(i)
+        assert ids == expected[i], i
+    assert sorted(order) == list(range(len(prompts_))) and order != sorted(order)  # yielded as rows finish
+    assert slots.rows < 3  # the tail ran on fewer rows
