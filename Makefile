@@ -15,12 +15,16 @@ METHOD   ?= tinyllm
 TEACHER  ?=
 DEVICE   ?= auto
 LIMIT    ?= 0
+TRAIN_LIMIT ?= 0
+SCORING  ?= generate
 DATA     ?= data
 CACHE    ?= cache
 OUT      ?= out
 SPLITS   ?= train
 RESUME   ?= 0
 ARGS     ?=
+TRAIN_ARGS ?=
+EVAL_ARGS ?=
 
 PYTHON   ?= python3
 VENV     := .venv
@@ -30,7 +34,7 @@ RUN       = $(OUT)/$(DATASET)/$(METHOD)$(if $(TEACHER),-$(TEACHER))
 MODEL     = $(if $(filter inference,$(METHOD)),$(STUDENT),$(RUN)/best)
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
-TABLE_METHODS ?= inference finetune kd tinyllm
+TABLE_METHODS ?= inference lora finetune kd tinyllm
 
 export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
 
@@ -51,10 +55,13 @@ help: ## this list
 	@echo "  TEACHER=$(TEACHER)    the one teacher of dss / kd (default: the first of TEACHERS)"
 	@echo "  DEVICE=$(DEVICE)    auto | cpu | cuda"
 	@echo "  LIMIT=$(LIMIT)    first N examples of each split (0 = all)"
+	@echo "  TRAIN_LIMIT=$(TRAIN_LIMIT)    first N training examples only; valid and test stay whole (0 = all)"
+	@echo "  SCORING=$(SCORING)    eval: generate (the paper's exact match) | rank | generate,rank"
 	@echo "  SPLITS=$(SPLITS)    splits to make rationales for (train,valid)"
 	@echo "  DATA=$(DATA)  CACHE=$(CACHE)  OUT=$(OUT)    datasets / rationale cache / checkpoints+results"
 	@echo "  RESUME=$(RESUME)    1 continues training from $(RUN)/last"
 	@echo "  ARGS=\"$(ARGS)\"    extra --key=value flags for the script behind the target"
+	@echo "  TRAIN_ARGS=\"$(TRAIN_ARGS)\"  EVAL_ARGS=\"$(EVAL_ARGS)\"    extra flags for train.py / eval.py only"
 	@echo "  run folder: $(RUN)"
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -96,11 +103,11 @@ rationales: $(STAMPS)/setup ## teacher rationales into CACHE (paper §3.2, Eq. 1
 train: $(STAMPS)/setup ## train the student with METHOD into OUT/DATASET/METHOD (paper §3.3, Eq. 2-4)
 	$(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
 	  --method=$(METHOD) --teacher=$(TEACHER) --data=$(DATA) --cache=$(CACHE) --out=$(RUN) \
-	  --limit=$(LIMIT) --device=$(DEVICE) --resume=$(RESUME) $(ARGS)
+	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) $(ARGS) $(TRAIN_ARGS)
 
 eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=inference)
 	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
-	  --out=$(RUN) --limit=$(LIMIT) --device=$(DEVICE) $(ARGS)
+	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) $(ARGS) $(EVAL_ARGS)
 
 table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM, print a Table-1-style markdown table
 	@for m in $(TABLE_METHODS); do \
