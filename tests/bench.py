@@ -3,14 +3,10 @@
     python tests/bench.py --device=auto --out=out [--quick=1] [--full=1] [--reps=0] [--threads=0]
                           [--only=SUBSTRING] [--profile=1]
 
-What is measured (issue 8), every case on the same weights and the same inputs:
+What is measured, every case on the same weights and the same inputs:
   1. Student training step, tokens/s (input + target tokens per second): one AdamW step (forward, token
      cross-entropy, backward, step, zero_grad) of t5.T5 vs transformers' T5ForConditionalGeneration, flan-t5-small
-     and flan-t5-base shapes, random weights. Then the TinyLLM step with two teachers (paper §3.3, Eq. 2): the
-     answer task and two rationale tasks of B examples each, as ONE padded batch of 3B rows with per-task losses by
-     row mask (ours, as train.py does) vs three forwards with the losses summed (the official implementation's
-     way); both on t5.T5, so the row isolates the fusion. Real answers are short: the answer task's targets have
-     16 tokens, the rationales 64 (the fused batch pads answers to 64; the three-forward way does not).
+     and flan-t5-base shapes, random weights: the layers alone.
   2. Teacher generation, new tokens/s: greedy decoding of exactly N new tokens (EOS disabled in both, so no row
      stops early) with a KV cache; llama.Llama vs LlamaForCausalLM (SmolLM2-135M shape) and t5.T5 vs
      T5ForConditionalGeneration (flan-t5-base shape). The time is the whole `generate` call (prompt prefill /
@@ -22,6 +18,15 @@ What is measured (issue 8), every case on the same weights and the same inputs:
      kernel's peak-RSS mark is reset (`5` > /proc/self/clear_refs, Linux >= 4.0), and peak = VmHWM - VmRSS before.
      Weights, optimizer state and the other implementation's model are in the baseline, so the number is what the
      call itself adds (activations, gradients, KV cache, logits).
+
+  4. The jobs as users run them, on real OBQA text through the real tokenizers (TINYLLM_ASSETS), in the dtype each
+     script uses on the device (train.py: bf16 autocast where native; eval.py: bf16 weights where native; a local
+     teacher: bf16 on CUDA, fp32 on the CPU): train.py's TinyLLM step (2 release teachers; flan-t5-small and the
+     SmolLM2-135M shape as a decoder-only student) against one transformers forward per task, examples/s; a local
+     teacher's rationales for 64 real teacher prompts, each row stopped at its release LLaMA-2 rationale's length,
+     continuous batching against transformers generate on static batches (8 and 32 rows), rationales/s; rank
+     scoring of 64 test questions against transformers' one row per option, examples/s. Each records whether both
+     sides produced the same output (same_output).
 
 Timing: warm-up calls are excluded; then repetitions alternate ours/transformers, and which of the two goes first
 alternates too, so drift in machine load hits both alike. Reported: the median and the min-max spread of the
@@ -71,8 +76,11 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flat scripts: t5.py and llama.py live in the repo root
 
+import data  # noqa: E402
 import llama  # noqa: E402
+import prompts  # noqa: E402
 import t5  # noqa: E402
+import tinyllm  # noqa: E402
 import train  # noqa: E402
 from tinyllm import parse_flags  # noqa: E402
 
@@ -87,8 +95,8 @@ class BenchConfig:
     threads: int = 0  # torch intra-op threads; 0: torch's default (1 with --quick=1)
     only: str = ""  # run only cases whose name contains this
     profile: int = 0  # 1: also write a torch.profiler table per case and implementation to OUT/profile/
-    budget_s: int = -1  # seconds for the whole run; cases cut repetitions to fit; 0: none; -1: 540 for the
-    #                     default CPU run (`make bench` must finish in 10 minutes), none otherwise
+    budget_s: int = -1  # seconds for the whole run; cases cut repetitions to fit; 0: none; -1: 1200 for the
+    #                     default CPU run (`make bench` within 20 minutes), none otherwise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +182,7 @@ class Meter:
 class Case:
     """One comparison: two zero-argument callables doing the same work, and what a call amounts to."""
     name: str
-    unit: str  # of the speed: "tokens/s" or "new tokens/s"
+    unit: str  # of the speed: "tokens/s", "new tokens/s", "examples/s" or "rationales/s"
     work: float  # tokens per call
     ours: Callable[[], object]
     theirs: Callable[[], object]
@@ -329,61 +337,6 @@ def train_case(name: str, config: dict, batch: int, input_len: int, target_len: 
                 flops=train_flops(config, ours, batch, input_len, target_len))
 
 
-def tinyllm_case(name: str, config: dict, batch: int, input_len: int, reps: int, device: torch.device,
-                 bf16: bool) -> Case:
-    """Eq. 2 with two teachers: L = w_0 L_answer + w_1 L_rationale_1 + w_2 L_rationale_2, each L the mean token
-    cross-entropy of its task. Ours: train.py's own step, micro_batch_loss on a Seq2SeqStudent (the 3B rows
-    collated into one padded forward, per-task sums by row). Official way: one forward per task, losses
-    summed. One backward and one AdamW step either way; the two variants train two copies of the same weights."""
-    torch.manual_seed(0)
-    fused_model = t5.T5(t5.T5Config.from_hf_config(config)).to(device).train()
-    split_model = t5.T5(t5.T5Config.from_hf_config(config)).to(device).train()
-    split_model.load_state_dict(fused_model.state_dict())
-    generator = torch.Generator().manual_seed(0)
-    target_lens = [16, 64, 64]  # answer, rationale of teacher 1, rationale of teacher 2
-    weights = torch.tensor([1.0, 0.5, 0.5], device=device)
-    tasks = [t5_batch(config, batch, input_len, n, device, generator) for n in target_lens]
-    width = max(target_lens)
-    # train.py's rows: (task index, prompt ids, target ids); the loss path reads only the tokenizer's pad id
-    micro = [(task, ids.tolist(), labels.tolist())
-             for task, (input_ids, _, _, target) in enumerate(tasks) for ids, labels in zip(input_ids, target)]
-    student = train.Seq2SeqStudent(fused_model, SimpleNamespace(pad_id=config.get("pad_token_id", 0)), device, bf16)
-    task_tokens = torch.tensor([batch * n for n in target_lens], dtype=torch.float32, device=device)
-    fused = True  # one-pass AdamW kernel, on CPU too (torch >= 2.4); both sides run the same optimizer
-    opt_fused = torch.optim.AdamW(fused_model.parameters(), lr=1e-5, fused=fused)
-    opt_split = torch.optim.AdamW(split_model.parameters(), lr=1e-5, fused=fused)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-
-    fused_model.eval(), split_model.eval()  # both sides compute the same Eq. 2: checked once, untimed, no dropout
-    with torch.no_grad(), autocast():
-        fused_loss = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)[0]
-        split_loss = sum(w * t5.cross_entropy(split_model(ids, m, d), labels)
-                         for w, (ids, m, d, labels) in zip(weights, tasks))
-    fused_model.train(), split_model.train()
-    assert torch.allclose(fused_loss.float(), split_loss.float(), rtol=1e-2 if bf16 else 1e-5), (fused_loss, split_loss)
-
-    def step_fused() -> None:
-        loss, _ = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
-        loss.backward()
-        opt_fused.step()
-        opt_fused.zero_grad(set_to_none=True)
-
-    def step_split() -> None:
-        with autocast():
-            loss = sum(w * t5.cross_entropy(split_model(ids, m, d), labels)
-                       for w, (ids, m, d, labels) in zip(weights, tasks))
-        loss.backward()
-        opt_split.step()
-        opt_split.zero_grad(set_to_none=True)
-
-    flops = train_flops(config, fused_model, len(tasks) * batch, input_len, width)
-    flops_three_forwards = sum(train_flops(config, fused_model, batch, input_len, n) for n in target_lens)
-    return Case(name, "tokens/s", batch * (len(tasks) * input_len + sum(target_lens)), step_fused, step_split, reps,
-                baseline="t5.T5, three forwards, losses summed (the official implementation's way)",
-                shapes=dict(batch_per_task=batch, input=input_len, targets=target_lens), flops=flops,
-                extra=dict(flops_three_forwards=flops_three_forwards))
-
-
 # ---------------------------------------------------------------------------------------------------
 # 2. Generation
 
@@ -468,6 +421,250 @@ def generation_case(name: str, baseline_class: str, theirs: nn.Module, static: b
 
 
 # ---------------------------------------------------------------------------------------------------
+# 3. The jobs as users run them: train.py's TinyLLM step, a local teacher's rationales, rank scoring. Real OBQA
+#    text (the release beside the repo, TINYLLM_ASSETS) through the real tokenizers; random weights of the shapes.
+
+
+@dataclass
+class ObqaText:
+    train: list  # data.Example
+    rationales: list[tuple[str, str]]  # (FLAN-T5-xl, LLaMA-2) release rationale per train example
+    test: list
+    pool: list  # all of train: the in-context examples of the teacher prompts
+    t5_tokenizer: object
+    llama_tokenizer: object
+
+
+_OBQA: list[ObqaText] = []
+
+
+def obqa_text(n: int = 64) -> ObqaText:
+    """The first n train and test examples of OBQA with the release's rationales, and the real T5 and LLaMA-2
+    sentencepiece tokenizers (read once per run)."""
+    if _OBQA:
+        return _OBQA[0]
+    import tempfile
+
+    env = os.environ.get("TINYLLM_ASSETS")
+    assets = Path(env) if env else ROOT.parent / "shared" / "assets"
+    if not (assets / "tinyllm_release").is_dir():
+        raise SystemExit(f"bench.py: the job cases read the real OBQA release from {assets}/tinyllm_release; "
+                         "set TINYLLM_ASSETS to the shared/assets folder")
+    folder = Path(tempfile.mkdtemp(prefix="bench-obqa-"))
+    data.download("obqa", folder, base_url=str(assets / "tinyllm_release"), rationales=True)
+    pool = data.load_split("obqa", "train", folder)
+    raws = data.load_release_rationales("obqa", "train", folder)
+    rationales = [prompts.parse_release(raw, ex) for raw, ex in zip(raws[:n], pool[:n])]
+    _OBQA.append(ObqaText(pool[:n], [(flan, llama_ or "") for flan, llama_ in rationales],
+                          data.load_split("obqa", "test", folder)[:n], pool,
+                          t5.Tokenizer(assets / "t5_tokenizer" / "spiece.model"),
+                          llama.Tokenizer(assets / "llama2_tokenizer")))
+    return _OBQA[0]
+
+
+def transformers_llama(config: dict, device: torch.device) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**config)).to(device)
+
+
+def job_student(kind: str, config: dict, device: torch.device, bf16: bool, dtype: torch.dtype = torch.float32):
+    """(train.py's student around our model, transformers' model with the same weights)."""
+    torch.manual_seed(0)
+    text = obqa_text()
+    if kind == "t5":
+        theirs = transformers_t5(config, device).to(dtype)
+        ours = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config))).to(device, dtype)
+        return train.Seq2SeqStudent(ours, text.t5_tokenizer, device, bf16), theirs
+    theirs = transformers_llama(config, device).to(dtype)
+    ours = ours_from(theirs, llama.Llama(llama.LlamaConfig.from_hf_config(config))).to(device, dtype)
+    return train.DecoderOnlyStudent(ours, text.llama_tokenizer, device, bf16, chat=False, with_boundary=True), theirs
+
+
+def theirs_task_loss(kind: str, theirs: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int,
+                     device: torch.device) -> Tensor:
+    """One task's mean token cross-entropy the way the official code computes it: its own padded forward
+    through transformers, the loss from `labels` over the full logits."""
+    if kind == "t5":
+        input_ids = train.pad([p for p, _ in rows], pad_id).to(device)
+        mask = train.pad([[1] * len(p) for p, _ in rows], 0).to(device)
+        labels = train.pad([t for _, t in rows], -100).to(device)
+        return theirs(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    input_ids = train.pad([p + t for p, t in rows], pad_id).to(device)
+    mask = train.pad([[1] * (len(p) + len(t)) for p, t in rows], 0).to(device)
+    labels = train.pad([[-100] * len(p) + t for p, t in rows], -100).to(device)
+    return theirs(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+
+def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, device: torch.device,
+                     bf16: bool) -> Case:
+    """Eq. 2 with the paper's two teachers on `batch` real OBQA examples: the answer and both release rationales
+    (FLAN-T5-xl mean 17 words, LLaMA-2 mean 45, a long tail; cut at --max_target_tokens=256). Ours: train.py's
+    own step (micro_batch_loss: T5 rows in two length groups, decoder-only rows packed; the LM head at target
+    tokens only). Official: one transformers forward per task, losses weighted and summed. Both: one backward,
+    one fused AdamW step, under the autocast train.py uses here."""
+    student, theirs = job_student(kind, config, device, bf16)
+    text = obqa_text()
+    examples = text.train[:batch]
+    tasks = [train.Task(train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0,
+                        {ex.id: ex.answer_text for ex in examples})]
+    for i, teacher in enumerate(("flan-t5-xl", "llama-2")):
+        targets = {ex.id: r[i] for ex, r in zip(examples, text.rationales) if r[i].strip()}
+        tasks.append(train.Task(teacher, prompts.teacher_prefix(teacher), 0.5, targets))
+    cfg = train.TrainConfig()
+    rows = train.encode_rows(student, examples, tasks, cfg)
+    (micro,), task_tokens, _ = train.shard_step(rows, list(range(len(examples))), len(tasks), 0, 1, 1)
+    weights = torch.tensor([t.weight for t in tasks], device=device)
+    task_tokens = torch.tensor(task_tokens, dtype=torch.float32, device=device)
+    by_task = [[(p, tgt) for t, p, tgt in micro if t == task] for task in range(len(tasks))]
+    pad_id = student.tokenizer.pad_id
+    opt_ours = torch.optim.AdamW(student.module.parameters(), lr=1e-5, fused=True)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5, fused=True)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+    def loss_theirs() -> Tensor:
+        with autocast():
+            return sum(w * theirs_task_loss(kind, theirs, task_rows, pad_id, device)
+                       for w, task_rows in zip(weights, by_task))
+
+    student.module.eval(), theirs.eval()  # the same Eq. 2 on both sides: checked once, untimed, no dropout
+    with torch.no_grad():
+        ours_loss = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)[0]
+        assert torch.allclose(ours_loss.float(), loss_theirs().float(), rtol=2e-2 if bf16 else 1e-4), name
+    student.module.train(), theirs.train()
+
+    def step_ours() -> None:
+        loss, _ = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_theirs() -> None:
+        loss_theirs().backward()
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    lengths = {t.name: sorted(len(tgt) for task, _, tgt in micro if tasks[task] is t) for t in tasks}
+    return Case(name, "examples/s", len(examples), step_ours, step_theirs, reps,
+                baseline=f"transformers {type(theirs).__name__}, one forward per task (the official implementation's way)",
+                shapes=dict(examples=len(examples), rows=len(micro), target_tokens=lengths,
+                            prompt_tokens=sum(len(p) for _, p, _ in micro)))
+
+
+def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_new_tokens: int, reps: int,
+                        device: torch.device, dtype: torch.dtype) -> Case:
+    """A local teacher (the SmolLM2-135M shape, the dtype LocalTeacher loads) writing rationales for n real OBQA
+    teacher prompts (§3.2: two in-context examples, the gold answer, "Let's think step by step."), longest
+    first as run_teacher orders them. Row i stops after the token count of the release's LLaMA-2 rationale of
+    example i (capped at max_new_tokens), on both sides. Ours: continuous batching over `rows` rows. Theirs:
+    transformers generate on static batches of `rows` prompts, each row stopped by a per-row criterion."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    torch.manual_seed(0)
+    text = obqa_text()
+    tok = text.llama_tokenizer
+    theirs = transformers_llama(config, device).to(dtype).eval()
+    ours = ours_from(theirs, llama.Llama(llama.LlamaConfig.from_hf_config(config))).to(device, dtype).eval()
+    examples = text.train[:n_prompts]
+    prompt_ids = [tok.encode(prompts.teacher_prompt(ex, data.in_context_examples(ex, text.pool, k=2)))
+                  for ex in examples]
+    limits = [max(1, min(max_new_tokens, len(tok.encode(r[1], bos=False)))) for r in text.rationales[:n_prompts]]
+    order = sorted(range(n_prompts), key=lambda i: -len(prompt_ids[i]))
+    prompt_ids, limits = [prompt_ids[i] for i in order], [limits[i] for i in order]
+    outputs: dict = {}
+
+    def ours_generate(n: int = n_prompts) -> None:
+        slots = llama.Slots(ours, min(rows, n), max(len(p) + k for p, k in zip(prompt_ids, limits)), device)
+        with torch.inference_mode():
+            outputs["ours"] = dict(tinyllm.continuous_generate(
+                slots, prompt_ids[:n], limits[:n], set(), lambda logits: logits.argmax(-1)))
+
+    class RowLimits(StoppingCriteria):
+        def __init__(self, width: int, row_limits: list[int]):
+            self.width, self.limits = width, torch.tensor(row_limits, device=device)
+
+        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+            return input_ids.shape[1] - self.width >= self.limits  # (B,) done per row
+
+    def theirs_generate(n: int = n_prompts) -> None:
+        done = {}
+        for start in range(0, n, rows):
+            chunk = list(range(start, min(start + rows, n)))
+            ids = train.pad([prompt_ids[i] for i in chunk], tok.pad_id, left=True).to(device)
+            mask = train.pad([[1] * len(prompt_ids[i]) for i in chunk], 0, left=True).to(device)
+            with torch.inference_mode():
+                out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=None,
+                                      max_new_tokens=max(limits[i] for i in chunk), pad_token_id=tok.pad_id,
+                                      stopping_criteria=StoppingCriteriaList([RowLimits(ids.shape[1],
+                                                                                        [limits[i] for i in chunk])]))
+            for row, i in enumerate(chunk):
+                done[i] = out[row, ids.shape[1]:ids.shape[1] + limits[i]].tolist()
+        outputs["theirs"] = done
+
+    case = Case(name, "rationales/s", n_prompts, ours_generate, theirs_generate, reps,
+                baseline="transformers LlamaForCausalLM.generate, static batches, per-row stopping criterion",
+                shapes=dict(rows=rows, prompts=n_prompts, prompt_tokens=sum(len(p) for p in prompt_ids),
+                            new_tokens=sum(limits), max_new_tokens=max_new_tokens, limit_mean=sum(limits) / n_prompts))
+    case.extra["compare"] = lambda: sum(outputs["ours"][i] == outputs["theirs"][i] for i in range(n_prompts)) / n_prompts
+    case.warmup = lambda: (ours_generate(min(rows, 4)), theirs_generate(min(rows, 4)))
+    return case
+
+
+def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: int, reps: int,
+                  device: torch.device, bf16_weights: bool) -> Case:
+    """Rank scoring (eval.py --scoring=rank) of n real OBQA test questions, the weights' dtype eval.py loads here.
+    Ours: the student's score_options (one prompt pass per question). Theirs: what lm-evaluation-harness runs
+    with transformers: every option as its own row, prompt included, log-probabilities from the full logits."""
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    student, theirs = job_student(kind, config, device, bf16=False, dtype=dtype)
+    student.module.eval(), theirs.eval()
+    questions = obqa_text().test[:n_questions]
+    boundary = student.boundary(train.ANSWER_TASK)
+    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, boundary, 1024) for ex in questions]
+    options = [[student.encode_option(o) for o in ex.options] for ex in questions]
+    chunks = [range(s, min(s + batch, n_questions)) for s in range(0, n_questions, batch)]
+    outputs: dict = {}
+    pad_id = student.tokenizer.pad_id
+
+    def ours_score() -> None:
+        outputs["ours"] = [s for c in chunks for s in student.score_options([prompt_rows[i] for i in c],
+                                                                            [options[i] for i in c])]
+
+    @torch.inference_mode()
+    def theirs_score() -> None:
+        scores = []
+        for c in chunks:
+            pairs = [(prompt_rows[i], o) for i in c for o in options[i]]
+            if kind == "t5":
+                input_ids = train.pad([p for p, _ in pairs], pad_id).to(device)
+                mask = train.pad([[1] * len(p) for p, _ in pairs], 0).to(device)
+                labels = train.pad([o for _, o in pairs], -100).to(device)
+                logits = theirs(input_ids=input_ids, attention_mask=mask, labels=labels).logits
+            else:
+                input_ids = train.pad([p + o for p, o in pairs], pad_id).to(device)
+                mask = train.pad([[1] * (len(p) + len(o)) for p, o in pairs], 0).to(device)
+                labels = train.pad([[-100] * len(p) + o for p, o in pairs], -100)[:, 1:].to(device)
+                logits = theirs(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            picked = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
+            sums = picked.sum(-1).tolist()
+            k = 0
+            for i in c:
+                scores.append(sums[k:k + len(options[i])])
+                k += len(options[i])
+        outputs["theirs"] = scores
+
+    case = Case(name, "examples/s", n_questions, ours_score, theirs_score, reps,
+                baseline=f"transformers {type(theirs).__name__}, one row per option (prompt included)",
+                shapes=dict(questions=n_questions, batch=batch, options=sum(len(o) for o in options),
+                            prompt_tokens=sum(len(p) for p in prompt_rows), dtype=str(dtype).removeprefix("torch.")))
+    tolerance = 0.5 if bf16_weights else 1e-3  # nats on a summed log-likelihood; bf16 weights round differently
+    case.extra["compare"] = lambda: max(abs(a - b) for x, y in zip(outputs["ours"], outputs["theirs"])
+                                        for a, b in zip(x, y)) <= tolerance
+    return case
+
+
+# ---------------------------------------------------------------------------------------------------
 # The plan: which cases, at which shapes and repetition counts
 
 
@@ -505,11 +702,6 @@ def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
         name = f"train {label} b{batch} in{shapes['input_len']} tgt{shapes['target_len']}"
         plan.append(Plan(name, lambda name=name, config=config, batch=batch, n=n: train_case(
             name, config, batch, shapes["input_len"], shapes["target_len"], n, device, bf16)))
-    tiny_batch = shapes["batch"] if full or cfg.quick else 4
-    label = "small" if cfg.quick else "flan-t5-small"
-    name = f"tinyllm step {label} 2 teachers 3x{tiny_batch} in{shapes['input_len']} fused vs 3 forwards"
-    plan.append(Plan(name, lambda name=name: tinyllm_case(name, small, tiny_batch, shapes["input_len"],
-                                                          reps(10, 2), device, bf16)))
 
     # 2. generation: (cuda reps, cpu reps) per batch; CPU batch 32 is the expensive one
     cpu_reps = {1: 3, 8: 2, 32: 1, 4: 1}
@@ -528,6 +720,28 @@ def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
                 plan.append(Plan(name, lambda name=name, config=config, build=build, batch=batch, n=n, static=static:
                                  build(name, config, batch, prompt, new_tokens, n, device, dtype, static,
                                        warmup_tokens)))
+
+    # 3. the jobs, on real OBQA text, in the dtype each script uses here (train.py: bf16 autocast where native;
+    # eval.py: bf16 weights where native; a local teacher: bf16 on CUDA, fp32 on the CPU)
+    native_bf16 = train.bf16_supported(device)
+    teacher_dtype = torch.bfloat16 if cuda else torch.float32
+    job_batch, n_text = (4, 8) if cfg.quick else (8, 64)
+    rows_list, max_new = ([2, 4], 8) if cfg.quick else ([8, 32], 128)
+    t5_label, smol_label = ("tiny-t5", "tiny-llama") if cfg.quick else ("flan-t5-small", "smollm2-135m")
+    if cfg.quick:  # the real tokenizers' ids need the real vocabulary sizes
+        small, smol = {**small, "vocab_size": 32128}, {**smol, "vocab_size": 32000}
+    for kind, label, config in (("t5", t5_label, small), ("llama", smol_label, smol)):
+        name = f"job: train.py tinyllm step, {label} student, {job_batch} OBQA examples, 2 teachers"
+        plan.append(Plan(name, lambda name=name, kind=kind, config=config: tinyllm_job_case(
+            name, kind, config, job_batch, reps(10, 2), device, native_bf16)))
+    for rows in rows_list:
+        name = f"job: rationales, {smol_label} teacher, {n_text} OBQA prompts, {rows} rows, LLaMA-2 lengths"
+        plan.append(Plan(name, lambda name=name, rows=rows: rationales_job_case(
+            name, smol, rows, n_text, max_new, reps(3, 1), device, teacher_dtype)))
+    for kind, label, config in (("t5", t5_label, small), ("llama", smol_label, smol)):
+        name = f"job: rank scoring, {label}, {n_text} OBQA test questions"
+        plan.append(Plan(name, lambda name=name, kind=kind, config=config: rank_job_case(
+            name, kind, config, n_text, 32, reps(5, 2), device, native_bf16)))
     return plan
 
 
@@ -584,8 +798,8 @@ def summarize(case: Case, timing: dict, device: torch.device, peaks: dict) -> li
             f"{case.name}: expected both to produce {case.shapes['new_tokens']} tokens per row, got "
             f"{None if a is None else tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
         entry["same_tokens"] = bool(torch.equal(a.cpu(), b.cpu()))
-    if "flops_three_forwards" in case.extra:
-        entry["flops_three_forwards"] = case.extra["flops_three_forwards"]
+    if "compare" in case.extra:  # the jobs: same rationales (fraction of rows), same option scores (bool)
+        entry["same_output"] = case.extra["compare"]()
     entries.append(entry)
     if timing["peaks"]["ours"] and timing["peaks"]["theirs"]:
         mem = {who: max(timing["peaks"][who]) / 2**20 for who in ("ours", "theirs")}
@@ -594,9 +808,7 @@ def summarize(case: Case, timing: dict, device: torch.device, peaks: dict) -> li
                             method=("cuda max_memory_allocated" if device.type == "cuda"
                                     else "peak RSS (VmHWM after clear_refs) - RSS before"), **common))
     if case.flops:
-        # The three-forward baseline does fewer FLOPs (no padding of the answer targets): each side its own count.
-        their_flops = case.extra.get("flops_three_forwards", case.flops)
-        achieved = {"ours": case.flops * med["ours"] / case.work / 1e9, "theirs": their_flops * med["theirs"] / case.work / 1e9}
+        achieved = {who: case.flops * med[who] / case.work / 1e9 for who in ("ours", "theirs")}
         peak = peaks["matmul_flops_per_s"] / 1e9
         entries.append(dict(name=f"{case.name} | achieved FLOP/s", ours=achieved["ours"],
                             transformers=achieved["theirs"], ratio=achieved["ours"] / achieved["theirs"],
@@ -694,7 +906,7 @@ def main(argv: list[str]) -> list[dict]:
         print("peak memory: not measurable here (no /proc/self/clear_refs); memory rows are left out", flush=True)
     entries: list[dict] = []
     plans = [p for p in make_plan(cfg, device) if not cfg.only or cfg.only in p.name]
-    budget = cfg.budget_s if cfg.budget_s >= 0 else (540 if device.type == "cpu" and not (cfg.full or cfg.quick) else 0)
+    budget = cfg.budget_s if cfg.budget_s >= 0 else (1200 if device.type == "cpu" and not (cfg.full or cfg.quick) else 0)
     for i, plan in enumerate(plans):
         case_start = time.perf_counter()
         case_budget = max(budget - (case_start - start), 1.0) / (len(plans) - i) if budget else 0.0

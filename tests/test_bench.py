@@ -42,11 +42,14 @@ def test_bench_json_has_one_entry_per_measurement(quick_run):
         assert entry["reps"] >= 1 and len(entry["load"]) == 2
     names = [e["name"] for e in entries]
     assert len(names) == len(set(names)), names
-    speed = [e for e in entries if e["unit"] in ("tokens/s", "new tokens/s")]
-    # training on two T5 sizes collapses to one tiny config in quick mode; the TinyLLM fused step; generation
-    # for both families at two batch sizes
+    speed = [e for e in entries if e["unit"] in ("tokens/s", "new tokens/s", "examples/s", "rationales/s")]
+    # training on two T5 sizes collapses to one tiny config in quick mode; generation for both families at two
+    # batch sizes; the jobs: train.py's TinyLLM step and rank scoring for both students, rationales at two sizes
     assert sum(e["name"].startswith("train ") for e in speed) == 1
-    assert sum(e["name"].startswith("tinyllm step") for e in speed) == 1
+    jobs = [e for e in speed if e["name"].startswith("job: ")]
+    assert [e["unit"] for e in jobs] == ["examples/s"] * 2 + ["rationales/s"] * 2 + ["examples/s"] * 2
+    # the same rationales row for row (greedy, fp32, each row stopped at its length) and the same option scores
+    assert all(e["same_output"] in (True, 1.0) for e in jobs if "rank" in e["name"] or "rationales" in e["name"]), jobs
     generation = [e for e in speed if e["name"].startswith("generate ")]
     assert len(generation) == 4 and all(e["unit"] == "new tokens/s" for e in generation)
     # greedy decoding with the same weights and EOS disabled: both produce every token, the same ones
@@ -58,7 +61,7 @@ def test_bench_json_has_one_entry_per_measurement(quick_run):
     assert {e["name"].removesuffix(" | peak memory") for e in memory} == {e["name"] for e in speed}
     assert all(e["ours"] > 0 and e["transformers"] > 0 for e in memory)
     achieved = [e for e in entries if e["unit"] in ("GFLOP/s", "GB/s")]
-    assert {e["name"].rsplit(" | ", 1)[0] for e in achieved} == {e["name"] for e in speed}
+    assert {e["name"].rsplit(" | ", 1)[0] for e in achieved} == {e["name"] for e in speed if e not in jobs}
 
 
 def test_bench_prints_the_table(quick_run):
