@@ -38,12 +38,12 @@ TABLE_METHODS ?= inference lora finetune kd tinyllm
 
 export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
 
-.PHONY: help setup all rationales train eval table bench test clean
+.PHONY: help setup all rationales train eval table bench gpu-check test clean
 .DEFAULT_GOAL := help
 
 help: ## this list
 	@echo "Targets:"
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
 	@echo "  DATASET=$(DATASET)    obqa | arc | piqa | riddle | pubmedqa | bioasq"
@@ -122,6 +122,15 @@ table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM, print a Table-1-
 
 bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (writes OUT/bench.json)
 	$(PY) tests/bench.py --device=$(DEVICE) --out=$(OUT) $(ARGS)
+
+# gpu-check runs where a CUDA build of torch is installed already: the venv's python when there is one, else
+# python3 (a GPU image with torch, transformers and pytest; nothing is installed). The tests' tiny models and the
+# bench's job cases read TINYLLM_ASSETS (the tokenizers and the OBQA release), and skip without it.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check: ## on a CUDA machine, in < 8 min: the CUDA tests, then the bench on the GPU (OUT/bench.json)
+	@nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+	$(GPU_PY) -m pytest -q tests/test_cuda.py tests/test_llama.py tests/test_t5.py -k "cuda or bf16"
+	$(GPU_PY) tests/bench.py --device=cuda --out=$(OUT) --budget_s=330 $(ARGS)
 
 # ---- tests --------------------------------------------------------------------------------------
 test: $(STAMPS)/dev ## offline test suite on tiny random weights (assets via TINYLLM_ASSETS)
