@@ -25,16 +25,21 @@ RESUME   ?= 0
 ARGS     ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
+SEED     ?=
+SEEDS    ?=
 
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 STAMPS   := .stamps
-RUN       = $(OUT)/$(DATASET)/$(METHOD)$(if $(TEACHER),-$(TEACHER))
+RUN       = $(OUT)/$(DATASET)/$(METHOD)$(if $(TEACHER),-$(TEACHER))$(if $(SEED),/seed$(SEED))
 MODEL     = $(if $(filter inference,$(METHOD)),$(STUDENT),$(RUN)/best)
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TABLE_METHODS ?= inference lora finetune kd tinyllm
+TEACHER_NAMES = $(foreach t,$(TEACHERS),$(firstword $(subst =, ,$(t))))
+# one pass with SEED empty when SEEDS is not set: the run folder itself, train.py's default seed
+SEED_LOOP = $(or $(SEEDS),'')
 
 export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
 
@@ -62,6 +67,8 @@ help: ## this list
 	@echo "  RESUME=$(RESUME)    1 continues training from $(RUN)/last"
 	@echo "  ARGS=\"$(ARGS)\"    extra --key=value flags for the script behind the target"
 	@echo "  TRAIN_ARGS=\"$(TRAIN_ARGS)\"  EVAL_ARGS=\"$(EVAL_ARGS)\"    extra flags for train.py / eval.py only"
+	@echo "  SEEDS=\"$(SEEDS)\"    table: each row once per seed (RUN/seed<N>), mean ± std"
+	@echo "  SEED=$(SEED)    train/eval: one seed, in RUN/seed<SEED> (empty: RUN itself, seed 0)"
 	@echo "  run folder: $(RUN)"
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -103,21 +110,25 @@ rationales: $(STAMPS)/setup ## teacher rationales into CACHE (paper §3.2, Eq. 1
 train: $(STAMPS)/setup ## train the student with METHOD into OUT/DATASET/METHOD (paper §3.3, Eq. 2-4)
 	$(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
 	  --method=$(METHOD) --teacher=$(TEACHER) --data=$(DATA) --cache=$(CACHE) --out=$(RUN) \
-	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) $(ARGS) $(TRAIN_ARGS)
+	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) --seed=$(SEED) $(ARGS) $(TRAIN_ARGS)
 
 eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=inference)
 	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
 	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) $(ARGS) $(EVAL_ARGS)
 
-table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM, print a Table-1-style markdown table
+# Inference decodes greedily, with no seed: it runs once whatever SEEDS says.
+table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEEDS), print Table 1
 	@for m in $(TABLE_METHODS); do \
-	  if [ $$m != inference ]; then $(MAKE) --no-print-directory train METHOD=$$m || exit 1; fi; \
-	  $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; \
+	  if [ $$m = inference ]; then $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; continue; fi; \
+	  for s in $(SEED_LOOP); do \
+	    $(MAKE) --no-print-directory train METHOD=$$m SEED=$$s && \
+	    $(MAKE) --no-print-directory eval METHOD=$$m SEED=$$s || exit 1; \
+	  done; \
 	done
-	@for t in $(foreach t,$(TEACHERS),$(firstword $(subst =, ,$(t)))); do \
-	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t && \
-	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t || exit 1; \
-	done
+	@for t in $(TEACHER_NAMES); do for s in $(SEED_LOOP); do \
+	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t SEED=$$s && \
+	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t SEED=$$s || exit 1; \
+	done; done
 	$(PY) eval.py table --dataset=$(DATASET) --out=$(OUT)
 
 bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (writes OUT/bench.json)

@@ -10,17 +10,19 @@ log-likelihood (summed over its tokens). Any model source works, so teachers are
 (`--method=teacher`, one run folder per teacher, e.g. out/obqa/teacher-flan-t5-xl).
 
 Writes OUT/predictions.jsonl (one record per example and split) and OUT/results.json =
-{"test": {"accuracy", "n"}, "valid": {...}, "model", "method", ...}.
+{"test": {"accuracy", "n"}, "valid": {...}, "model", "method", ...}. A run repeated over SEEDS is a folder
+of seed<N>/ run folders; tables show it as the mean ± the sample standard deviation over its seeds.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -125,33 +127,65 @@ DISTILLATION = ("kd", "dss")  # the distillation baselines Δ_Distill compares w
 
 @dataclass
 class Run:
-    """One row of the table: a run folder with its results.json (and train.json when it was trained)."""
+    """One row of the table: a run folder with its results.json (and train.json when it was trained), or
+    one repeated over SEEDS: then seed_runs holds a Run per seed<N>/ folder and its numbers are their mean."""
     name: str  # the folder, e.g. dss-llama-2
     method: str
     results: dict
     folder: Path
+    seed_runs: list[Run] = field(default_factory=list)
 
     def score(self, metric: str, split: str = "test") -> float | None:
-        return self.results[split].get(metric)
+        if self.seed_runs:
+            return mean_or_none([run.score(metric, split) for run in self.seed_runs])
+        return self.results.get(split, {}).get(metric)
+
+    def spread(self, metric: str, split: str = "test") -> float | None:
+        """The sample standard deviation (n - 1) over the seeds; None for a single run."""
+        values = [run.score(metric, split) for run in self.seed_runs]
+        return statistics.stdev(values) if len(values) > 1 and None not in values else None
 
     def seconds(self) -> float | None:
-        """Training plus evaluation wall time, when both are recorded."""
+        """Training plus evaluation wall time, when both are recorded (the mean over seeds)."""
+        if self.seed_runs:
+            return mean_or_none([run.seconds() for run in self.seed_runs])
         train_file = self.folder / "train.json"
         trained = json.loads(train_file.read_text())["seconds"] if train_file.is_file() else 0.0
         evaluated = self.results.get("eval_seconds")
         return None if evaluated is None else trained + evaluated
 
 
+def mean_or_none(values: list[float | None]) -> float | None:
+    return None if not values or None in values else statistics.fmean(values)
+
+
+def load_run(folder: Path) -> Run | None:
+    """The run in `folder`: its results.json, or (SEEDS) its seed<N>/results.json folders, which take
+    precedence over a results.json beside them. One seed is that seed's run, under the row's name."""
+    seeds = sorted((path.parent for path in folder.glob("seed*/results.json") if path.parent.name[4:].isdigit()),
+                   key=lambda seed: int(seed.name[4:]))
+    if seeds:
+        runs = [load_run(seed) for seed in seeds]
+        if len(runs) == 1:
+            return Run(folder.name, runs[0].method, runs[0].results, runs[0].folder)
+        return Run(folder.name, runs[0].method, runs[0].results, folder, runs)
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+        results["test"]["accuracy"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not an eval.py results file ({e!r}); run `make eval` again") from None
+    return Run(folder.name, results.get("method") or folder.name, results, folder)
+
+
 def read_results(out: Path, dataset: str) -> list[Run]:
-    """Every OUT/<dataset>/*/results.json, in Table 1's order."""
-    rows = []
-    for path in sorted((out / dataset).glob("*/results.json")):
-        try:
-            results = json.loads(path.read_text())
-            results["test"]["accuracy"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{path}: not an eval.py results file ({e!r}); run `make eval` again") from None
-        rows.append(Run(path.parent.name, results.get("method") or path.parent.name, results, path.parent))
+    """Every run directly under OUT/<dataset>/ (*/results.json, or */seed<N>/results.json), in Table 1's order."""
+    root = out / dataset
+    folders = {path.parent for path in root.glob("*/results.json")} | {
+        path.parent.parent for path in root.glob("*/seed*/results.json")}
+    rows = [run for folder in sorted(folders) if (run := load_run(folder)) is not None]
     order = list(ROW_NAMES)
     return sorted(rows, key=lambda r: (order.index(r.method) if r.method in order else len(order), r.name))
 
@@ -163,6 +197,13 @@ def row_label(run: str, method: str) -> str:
     if method == "tinyllm" and run != "tinyllm":
         return f"TinyLLM ({run})"  # an ablation: a teacher subset, or rationales without in-context examples
     return ROW_NAMES.get(method, run)
+
+
+def percent(mean: float | None, std: float | None = None) -> str:
+    """A table cell in %: "60.00", "60.00 ± 1.20" over seeds, "—" for a number the run does not have."""
+    if mean is None:
+        return "—"
+    return f"{mean * 100:.2f}" + (f" ± {std * 100:.2f}" if std is not None else "")
 
 
 def delta(ours: float, base: float) -> str:
@@ -206,6 +247,8 @@ def correct_by_id(run: Run, metric: str, split: str = "test") -> dict[str, bool]
 
 def paired_line(ours: Run, base: Run, metric: str, resamples: int, seed: int) -> str:
     label = f"| {row_label(ours.name, ours.method)} − {row_label(base.name, base.method)} |"
+    if ours.seed_runs or base.seed_runs:
+        return f"{label} not paired: repeated over SEEDS, compared by mean ± std above | | | |"
     missing = [str(run.folder / "predictions.jsonl") for run in (ours, base)
                if not (run.folder / "predictions.jsonl").is_file()]
     if missing:
@@ -239,8 +282,7 @@ def table(cfg: TableConfig) -> str:
     timed = any(run.seconds() is not None for run in rows)
 
     def cell(run: Run, metric: str) -> str:
-        value = run.score(metric)
-        return "—" if value is None else f"{value * 100:.2f}"
+        return percent(run.score(metric), run.spread(metric))
 
     header = [cfg.dataset] if metrics == ["accuracy"] else metrics
     lines = [f"{cfg.dataset} test, " + "; ".join(f"{m}: {METRIC_NAMES[m]}" for m in metrics),
@@ -265,6 +307,9 @@ def table(cfg: TableConfig) -> str:
                  if base_of(m) is not None and ours.score(m) is not None and base_of(m).score(m) is not None else "—"
                  for m in metrics]
         lines.append(f"| {label} | " + " | ".join(cells + ([""] if timed else [])) + " |")
+    seeded = [run for run in rows if run.seed_runs]
+    if seeded:
+        lines += ["", seeds_note(seeded) + "; Δ rows compare the means"]
     if ours is not None and (finetune is not None or distill):
         lines += ["", f"Paired differences on the test questions (points; 95% paired bootstrap interval, "
                       f"{cfg.resamples:,} resamples, seed {cfg.seed}; exact McNemar p; b / c = questions only the "
@@ -278,6 +323,14 @@ def table(cfg: TableConfig) -> str:
     text = "\n".join(lines)
     print(text)
     return text
+
+
+def seeds_note(runs: list[Run]) -> str:
+    """What ± means, below a table with runs repeated over SEEDS."""
+    seeds = {run.name: ", ".join(seed.folder.name.removeprefix("seed") for seed in run.seed_runs) for run in runs}
+    over = (f"seeds {next(iter(seeds.values()))}" if len(set(seeds.values())) == 1 else
+            "each run's seeds (" + "; ".join(f"{name}: {s}" for name, s in seeds.items()) + ")")
+    return f"mean ± sample standard deviation (n − 1) over {over}; a number without ± is a single run"
 
 
 def main(argv: list[str]) -> None:
