@@ -25,20 +25,33 @@ RESUME   ?= 0
 ARGS     ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
+SEED     ?=
+SEEDS    ?=
+ALPHAS   ?= 0.01 0.1 0.5 1 2 3
+SWEEP    ?=
+FRACTIONS ?= 0.125 0.25 0.5 0.75 1
+METHODS  ?= tinyllm dss finetune
 
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 STAMPS   := .stamps
-RUN       = $(OUT)/$(DATASET)/$(METHOD)$(if $(TEACHER),-$(TEACHER))
+RUN       = $(OUT)/$(DATASET)/$(METHOD)$(if $(TEACHER),-$(TEACHER))$(if $(SEED),/seed$(SEED))
 MODEL     = $(if $(filter inference,$(METHOD)),$(STUDENT),$(RUN)/best)
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TABLE_METHODS ?= inference lora finetune kd tinyllm
+TEACHER_NAMES = $(foreach t,$(TEACHERS),$(firstword $(subst =, ,$(t))))
+# one pass with SEED empty when SEEDS is not set: the run folder itself, train.py's default seed
+SEED_LOOP = $(or $(SEEDS),'')
+# the flags every experiment (sweep, fractions, ablations) gives each of its train.py / eval.py runs
+EXPERIMENT = --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --data=$(DATA) --cache=$(CACHE) \
+  --out=$(OUT) --limit=$(LIMIT) --device=$(DEVICE) --seeds="$(SEEDS)" \
+  --train_args="--train_limit=$(TRAIN_LIMIT) $(TRAIN_ARGS)" --eval_args="--scoring=$(SCORING) $(EVAL_ARGS)"
 
 export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
 
-.PHONY: help setup all rationales train eval table bench gpu-check test clean
+.PHONY: help setup all rationales train eval table sweep fractions ablations report bench gpu-check test clean
 .DEFAULT_GOAL := help
 
 help: ## this list
@@ -62,6 +75,12 @@ help: ## this list
 	@echo "  RESUME=$(RESUME)    1 continues training from $(RUN)/last"
 	@echo "  ARGS=\"$(ARGS)\"    extra --key=value flags for the script behind the target"
 	@echo "  TRAIN_ARGS=\"$(TRAIN_ARGS)\"  EVAL_ARGS=\"$(EVAL_ARGS)\"    extra flags for train.py / eval.py only"
+	@echo "  SEEDS=\"$(SEEDS)\"    table/sweep/fractions/ablations: each row once per seed (RUN/seed<N>), mean ± std"
+	@echo "  SEED=$(SEED)    train/eval: one seed, in RUN/seed<SEED> (empty: RUN itself, seed 0)"
+	@echo "  ALPHAS=\"$(ALPHAS)\"    sweep: the α values of every teacher (grid: their product, §4.1)"
+	@echo "  SWEEP=\"$(SWEEP)\"    sweep: an explicit grid instead, every teacher named: a=0.1,1 b=1,3"
+	@echo "  FRACTIONS=\"$(FRACTIONS)\"    fractions: of the training set (Fig. 2)"
+	@echo "  METHODS=\"$(METHODS)\"    fractions: a curve each (dss: one per teacher)"
 	@echo "  run folder: $(RUN)"
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -103,22 +122,39 @@ rationales: $(STAMPS)/setup ## teacher rationales into CACHE (paper §3.2, Eq. 1
 train: $(STAMPS)/setup ## train the student with METHOD into OUT/DATASET/METHOD (paper §3.3, Eq. 2-4)
 	$(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
 	  --method=$(METHOD) --teacher=$(TEACHER) --data=$(DATA) --cache=$(CACHE) --out=$(RUN) \
-	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) $(ARGS) $(TRAIN_ARGS)
+	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) --seed=$(SEED) $(ARGS) $(TRAIN_ARGS)
 
 eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=inference)
 	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
 	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) $(ARGS) $(EVAL_ARGS)
 
-table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM, print a Table-1-style markdown table
+# Inference decodes greedily, with no seed: it runs once whatever SEEDS says.
+table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEEDS), print Table 1 (OUT/DATASET/table.md)
 	@for m in $(TABLE_METHODS); do \
-	  if [ $$m != inference ]; then $(MAKE) --no-print-directory train METHOD=$$m || exit 1; fi; \
-	  $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; \
+	  if [ $$m = inference ]; then $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; continue; fi; \
+	  for s in $(SEED_LOOP); do \
+	    $(MAKE) --no-print-directory train METHOD=$$m SEED=$$s && \
+	    $(MAKE) --no-print-directory eval METHOD=$$m SEED=$$s || exit 1; \
+	  done; \
 	done
-	@for t in $(foreach t,$(TEACHERS),$(firstword $(subst =, ,$(t)))); do \
-	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t && \
-	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t || exit 1; \
-	done
+	@for t in $(TEACHER_NAMES); do for s in $(SEED_LOOP); do \
+	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t SEED=$$s && \
+	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t SEED=$$s || exit 1; \
+	done; done
 	$(PY) eval.py table --dataset=$(DATASET) --out=$(OUT)
+
+# ---- the paper's experiments, one command each: resumable (a finished run, with results.json, is kept) -----
+sweep: $(STAMPS)/setup ## TinyLLM for every α combination of ALPHAS (or SWEEP), best on valid (§4.1, Fig. 3)
+	$(PY) tinyllm.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
+
+fractions: $(STAMPS)/setup ## METHODS on FRACTIONS of the training set: the Fig. 2 curve and table
+	$(PY) tinyllm.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(METHODS)" --alpha="$(ALPHA)" $(ARGS)
+
+ablations: $(STAMPS)/setup ## Table 2: without each teacher, without in-context examples / teacher forcing
+	$(PY) tinyllm.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
+
+report: $(STAMPS)/setup ## OUT/DATASET/report.md: every table and figure there, with the commands that made them
+	$(PY) eval.py report --dataset=$(DATASET) --out=$(OUT)
 
 bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (writes OUT/bench.json)
 	$(PY) tests/bench.py --device=$(DEVICE) --out=$(OUT) $(ARGS)

@@ -1,6 +1,10 @@
-"""TinyLLM pipeline entry point: teacher rationales into a file cache (paper §3.2, Eq. 1).
+"""TinyLLM pipeline entry point: teacher rationales into a file cache (paper §3.2, Eq. 1), and the
+paper's experiments over train.py and eval.py runs, one command each.
 
     python tinyllm.py rationales --dataset=obqa --teachers="flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"
+    python tinyllm.py sweep --dataset=obqa --alphas="0.01 0.1 0.5 1 2 3"      # α per teacher (§4.1, Fig. 3)
+    python tinyllm.py fractions --dataset=obqa --methods="tinyllm dss finetune"  # less training data (Fig. 2)
+    python tinyllm.py ablations --dataset=obqa                                 # Table 2's rows
 
 Every teacher m writes one rationale per training example i, seeing the question, the options, the
 gold answer and in-context examples: R_i^m = T^m(Q_i, O_i, A_i, P_i) (Eq. 1, teacher-forcing CoT).
@@ -19,11 +23,15 @@ References: TinyLLM (Tian et al., arXiv 2402.04616); the Hugging Face hub's file
 `/{repo}/resolve/{revision}/{file}`; the OpenAI HTTP API (`/v1/completions`, `/v1/chat/completions`).
 """
 import collections
+import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
+import shlex
 import sys
 import threading
 import time
@@ -799,6 +807,308 @@ def rationales(cfg: RationalesConfig) -> None:
         raise SystemExit("\n".join(stopped + empty_teachers) + kept)
 
 
+# ---- experiments: the α sweep (§4.1, Fig. 3), training fractions (Fig. 2), ablations (Table 2) ----
+# Every row of an experiment is an ordinary run folder (train.py's best/, last/, metrics.jsonl, train.json;
+# eval.py's results.json, predictions.jsonl), or with --seeds one seed<N>/ run folder per seed. The runs go
+# in this process, one after the other, through train.train and eval.evaluate with the configs `make train
+# eval` would build: no Python start and torch import per run (longer than a tiny run itself), and a
+# failing run stops the experiment with its own message. Resumable: a run with results.json is done and
+# never redone, one with train.json (training ended) is only evaluated, one with last/ continues from it
+# (train.py --resume), so a killed experiment, started again, does what is missing. eval.py scores the
+# rows, prints the table and writes OUT/<dataset>/<experiment>.{json,md,png}.
+
+@dataclass
+class ExperimentConfig:
+    dataset: str = "obqa"
+    student: str = "google/flan-t5-small"  # hub id or folder
+    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
+    data: str = "data"
+    cache: str = "cache"
+    out: str = "out"  # rows in OUT/<dataset>/<experiment>/, the summary in OUT/<dataset>/<experiment>.json
+    limit: int = 0  # first N examples of each split (0 = all)
+    device: str = "auto"
+    seeds: str = ""  # "0 1 2": every row once per seed, in <row>/seed<N>/, reported as mean ± std ("" = once)
+    metric: str = "accuracy"  # the results.json number compared (and selected on, by the sweep)
+    train_args: str = ""  # extra train.py flags for every run, e.g. "--epochs=3 --lr=1e-4"
+    eval_args: str = ""  # extra eval.py flags for every run (decoding follows train.py's validation unless set)
+
+
+def number(value: float) -> str:
+    """1.0 -> "1", 0.125 -> "0.125": α and fractions as folder names and table cells write them."""
+    return f"{value:.10g}"
+
+
+def parse_numbers(text: str, what: str, allowed: typing.Callable[[float], bool], rule: str) -> list[float]:
+    """"0.1 1,3" -> [0.1, 1.0, 3.0]: space or comma separated, each value once, each `allowed`."""
+    values: list[float] = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise SystemExit(f"{what}: {item!r} is not a number") from None
+        if math.isnan(value) or not allowed(value):
+            raise SystemExit(f"{what}: {item} is not {rule}")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise SystemExit(f"{what}: no value given")
+    return values
+
+
+def parse_seeds(seeds: str) -> list[int | None]:
+    """--seeds="0 1 2" -> [0, 1, 2]; "" -> [None]: each row once, in its folder itself, at train.py's --seed."""
+    try:
+        values = [int(item) for item in re.split(r"[,\s]+", seeds.strip()) if item]
+    except ValueError:
+        raise SystemExit(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\"") from None
+    if len(set(values)) != len(values):
+        raise SystemExit(f"--seeds={seeds!r}: a seed appears twice")
+    return values or [None]
+
+
+Config = typing.TypeVar("Config")
+
+
+def with_flags(config: Config, args: str, what: str, fixed: set[str]) -> Config:
+    """`config` with the --key=value flags in `args` applied (type-checked by parse_flags). The keys in
+    `fixed` are set by the experiment itself, per row, and refused here."""
+    tokens = shlex.split(args)
+    parsed = parse_flags(type(config), tokens)
+    keys = [token.removeprefix("--").partition("=")[0] for token in tokens]
+    taken = sorted(set(keys) & fixed)
+    if taken:
+        raise SystemExit(f"{what}: --{taken[0]} is set by the experiment itself ({', '.join(sorted(fixed))})")
+    return dataclasses.replace(config, **{key: getattr(parsed, key) for key in keys})
+
+
+def check_experiment(cfg: ExperimentConfig) -> None:
+    import eval as evaluation  # eval and train import this module: lazily, inside the commands
+
+    if cfg.dataset not in data.DATASETS:
+        raise SystemExit(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
+    if cfg.metric not in evaluation.METRIC_NAMES:
+        raise SystemExit(f"--metric={cfg.metric!r}: expected one of {', '.join(evaluation.METRIC_NAMES)}")
+    parse_seeds(cfg.seeds)
+
+
+def plan_row(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> list[tuple]:
+    """(train config, eval config) of each run of one row in `folder`: once, or once per seed in
+    folder/seed<N>/. `fields` are the row's own train.py flags (method, alpha, train_fraction, ...)."""
+    import eval as evaluation
+    import train
+
+    runs = []
+    for seed in parse_seeds(cfg.seeds):
+        out = folder if seed is None else folder / f"seed{seed}"
+        own = dict(dataset=cfg.dataset, student=cfg.student, teachers=cfg.teachers, data=cfg.data,
+                   cache=cfg.cache, limit=cfg.limit, device=cfg.device)
+        own.update(fields, out=str(out), **({} if seed is None else {"seed": seed}))
+        train_cfg = with_flags(train.TrainConfig(**own), cfg.train_args, f"{command} --train_args",
+                               set(own) | {"resume"})
+        # Decode as training's validation did (best/ was chosen on it), unless --eval_args says otherwise.
+        eval_own = dict(dataset=cfg.dataset, model=str(out / "best"), method=train_cfg.method, data=cfg.data,
+                        out=str(out), limit=cfg.limit, device=cfg.device)
+        eval_cfg = evaluation.EvalConfig(**eval_own, batch_size=train_cfg.eval_batch_size,
+                                         max_input_tokens=train_cfg.max_input_tokens,
+                                         max_new_tokens=train_cfg.max_new_tokens, bf16=train_cfg.bf16,
+                                         chat=train_cfg.chat, boundary=train_cfg.boundary)
+        runs.append((train_cfg, with_flags(eval_cfg, cfg.eval_args, f"{command} --eval_args", set(eval_own))))
+    return runs
+
+
+def finished(run: tuple) -> bool:
+    return (Path(run[0].out) / "results.json").is_file()
+
+
+def train_and_evaluate(train_cfg, eval_cfg) -> None:
+    """One run to its results.json: train (or continue training from last/), then evaluate best/."""
+    import eval as evaluation
+    import train
+
+    run = Path(train_cfg.out)
+    if not (run / "train.json").is_file():  # train.json is written when training ends: then only eval is left
+        train.recover_checkpoint(run / "last")  # a kill between its two renames
+        resume = (run / "last" / "trainer_state.pt").is_file()
+        try:
+            train.train(dataclasses.replace(train_cfg, resume=int(resume)))
+        except SystemExit as e:
+            hint = f"\n(this continued {run / 'last'}; delete {run} to start this run over)" if resume else ""
+            raise SystemExit(f"{run}: {e}{hint}") from None
+    evaluation.evaluate(eval_cfg)
+
+
+def run_rows(rows: list[list[tuple]]) -> None:
+    """Every run not finished yet, in order; finished ones (results.json) are kept as they are."""
+    runs = [run for row in rows for run in row]
+    todo = [run for run in runs if not finished(run)]
+    print(f"{len(runs) - len(todo)} of {len(runs)} runs finished already (kept), {len(todo)} to run", flush=True)
+    for n, (train_cfg, eval_cfg) in enumerate(todo, 1):
+        print(f"--- run {n}/{len(todo)}: {train_cfg.out}", flush=True)
+        train_and_evaluate(train_cfg, eval_cfg)
+
+
+def command_line(command: str, cfg) -> str:
+    """`python tinyllm.py <command>` with every flag of `cfg` that differs from its default: how a summary
+    was made, written into it for `make report`."""
+    default = type(cfg)()
+    flags = [shlex.quote(f"--{f.name}={getattr(cfg, f.name)}") for f in dataclasses.fields(cfg)
+             if getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join(["python tinyllm.py", command, *flags])
+
+
+def summary_of(cfg: ExperimentConfig, command: str, rows: list[dict], **extra) -> dict:
+    return dict(dataset=cfg.dataset, metric=cfg.metric, seeds=[s for s in parse_seeds(cfg.seeds) if s is not None],
+                command=command_line(command, cfg), **extra, rows=rows)
+
+
+@dataclass
+class SweepConfig(ExperimentConfig):
+    alphas: str = "0.01 0.1 0.5 1 2 3"  # §4.1: the values of every α_m; the grid is their product over teachers
+    sweep: str = ""  # an explicit grid instead, naming every teacher: "a=0.1,1 b=1,3"
+
+
+def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
+    """Teacher name -> its α values: --sweep's lists (every teacher named), else --alphas for each."""
+    def values(text: str, what: str) -> list[float]:
+        return parse_numbers(text, what, lambda a: a >= 0, "an α >= 0")
+
+    if not cfg.sweep.strip():
+        return {name: values(cfg.alphas, "--alphas") for name in names}
+    grid: dict[str, list[float]] = {}
+    for item in cfg.sweep.split():
+        name, sep, text = item.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"--sweep: {item!r} is not name=α,α,... for a teacher of --teachers ({' '.join(names)})")
+        if name in grid:
+            raise SystemExit(f"--sweep: teacher {name!r} given twice")
+        grid[name] = values(text, f"--sweep {name}")
+    missing = [name for name in names if name not in grid]
+    if missing:
+        raise SystemExit(f"--sweep gives no α for {', '.join(missing)}: an explicit grid names every teacher")
+    return {name: grid[name] for name in names}
+
+
+def sweep(cfg: SweepConfig) -> dict:
+    """§4.1, Fig. 3: TinyLLM once per combination of α over the teachers; the best is chosen on valid."""
+    import eval as evaluation
+
+    check_experiment(cfg)
+    names = [name for name, _ in parse_teachers(cfg.teachers)]
+    grid = sweep_grid(cfg, names)
+    root = Path(cfg.out) / cfg.dataset
+    rows, planned = [], []
+    for combination in itertools.product(*grid.values()):
+        alpha = dict(zip(names, combination))
+        flag = " ".join(f"{name}={number(a)}" for name, a in alpha.items())
+        folder = root / "sweep" / ",".join(f"{name}={number(a)}" for name, a in alpha.items())
+        rows.append(dict(alpha=alpha, alpha_flag=flag, folder=str(folder)))
+        planned.append(plan_row(cfg, "sweep", folder, method="tinyllm", alpha=flag))
+    if "valid" not in planned[0][0][1].splits:
+        raise SystemExit("sweep --eval_args: --splits must include valid, the split the sweep chooses on")
+    run_rows(planned)
+    return evaluation.write_sweep(root, summary_of(cfg, "sweep", rows, grid=grid))
+
+
+@dataclass
+class FractionsConfig(ExperimentConfig):
+    fractions: str = "0.125 0.25 0.5 0.75 1"  # Fig. 2: fractions of the training set (nested, per seed)
+    methods: str = "tinyllm dss finetune"  # a curve each; dss once per teacher (dss-<teacher>), kd with the first
+    alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
+
+
+def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
+    """(run name, method, teacher) per method, named as `make table` names its run folders."""
+    import train
+
+    trained = [m for m in train.METHODS if m != "inference"]
+    runs: list[tuple[str, str, str]] = []
+    for method in methods.split():
+        if method not in trained:
+            raise SystemExit(f"--methods: {method!r} is not one of {', '.join(trained)} (inference trains nothing)")
+        runs += [(f"dss-{name}", "dss", name) for name in names] if method == "dss" else [(method, method, "")]
+    if not runs or len({run for run, _, _ in runs}) != len(runs):
+        raise SystemExit(f"--methods={methods!r}: give each method once")
+    return runs
+
+
+def fractions(cfg: FractionsConfig) -> dict:
+    """Fig. 2: every method trained on nested fractions of the training set (train.py --train_fraction)."""
+    import eval as evaluation
+
+    check_experiment(cfg)
+    names = [name for name, _ in parse_teachers(cfg.teachers)]
+    values = sorted(parse_numbers(cfg.fractions, "--fractions", lambda f: 0 < f <= 1, "a fraction in (0, 1]"))
+    root = Path(cfg.out) / cfg.dataset
+    rows, planned = [], []
+    for run, method, teacher in method_runs(cfg.methods, names):
+        for fraction in values:
+            folder = root / "fractions" / run / number(fraction)
+            rows.append(dict(run=run, method=method, fraction=fraction, folder=str(folder)))
+            planned.append(plan_row(cfg, "fractions", folder, method=method, teacher=teacher, alpha=cfg.alpha,
+                                    train_fraction=fraction))
+    run_rows(planned)
+    return evaluation.write_fractions(root, summary_of(cfg, "fractions", rows, fractions=values))
+
+
+@dataclass
+class AblationsConfig(ExperimentConfig):
+    alpha: str = ""  # name=weight ... (default 1 each); a row without a teacher keeps the others' α
+    rationales_args: str = ""  # extra `rationales` flags for the re-prompted caches (those CACHE was made with)
+
+
+# Table 2's re-prompted rows: the one `rationales` flag each changes (§3.2) and its cache folder's suffix
+REPROMPTED = (("k0", "w/o in-context examples (--k=0)", {"k": 0}),
+              ("teacher_forcing0", "w/o teacher forcing (--teacher_forcing=0)", {"teacher_forcing": False}))
+
+
+def ablations(cfg: AblationsConfig) -> dict:
+    """Table 2: TinyLLM without each teacher; without in-context examples and without teacher forcing,
+    whose rationales are made again into their own caches, where every teacher can be re-prompted."""
+    import eval as evaluation
+    import train
+
+    check_experiment(cfg)
+    teachers = parse_teachers(cfg.teachers)
+    alpha = train.parse_alpha(cfg.alpha, [name for name, _ in teachers])
+    root = Path(cfg.out) / cfg.dataset
+    rows, planned, caches = [], [], []
+
+    def add(name: str, label: str, kept: list[tuple[str, str]], cache: str, note: str = "") -> list[tuple]:
+        folder = root / "ablations" / name
+        rows.append(dict(name=name, label=label, teachers=[n for n, _ in kept], cache=cache, folder=str(folder),
+                         note=note))
+        planned.append(plan_row(cfg, "ablations", folder, teachers=" ".join(f"{n}={s}" for n, s in kept),
+                                # no teacher left: L = L_A (Eq. 2 with no rationale task), i.e. fine-tuning
+                                method="tinyllm" if kept else "finetune", cache=cache,
+                                alpha=" ".join(f"{n}={number(alpha[n])}" for n, _ in kept)))
+        return planned[-1]
+
+    add("tinyllm", "TinyLLM", teachers, cfg.cache)
+    for name, _ in teachers:
+        kept = [(n, s) for n, s in teachers if n != name]
+        add(f"without-{name}", f"w/o {name}", kept, cfg.cache, "" if kept else "no teacher left: fine-tuning (L_A)")
+    fixed = [f"{n}={s}" for n, s in teachers if not getattr(teacher_kind(s)[0], "prompted", True)]
+    for key, label, change in REPROMPTED:
+        if fixed:  # the paper's published rationales are text, made once with k=2 and the gold answer
+            rows.append(dict(name=key, label=label, teachers=[n for n, _ in teachers], cache=None, folder=None,
+                             note=f"not run: {', '.join(fixed)} cannot be re-prompted (fixed published "
+                                  "rationales); a live teacher (a model, openai:...) can"))
+            continue
+        cache = f"{cfg.cache.rstrip('/')}-{key}"
+        fields = dict(dataset=cfg.dataset, teachers=cfg.teachers, data=cfg.data, cache=cache, limit=cfg.limit,
+                      splits="train", device=cfg.device, **change)
+        rationales_cfg = with_flags(RationalesConfig(**fields), cfg.rationales_args, "ablations --rationales_args",
+                                    set(fields))
+        caches.append((rationales_cfg, add(key, label, teachers, cache)))
+    for rationales_cfg, runs in caches:  # teachers are loaded only for rows with runs still to do
+        if not all(finished(run) for run in runs):
+            rationales(rationales_cfg)
+    run_rows(planned)
+    return evaluation.write_ablations(root, summary_of(cfg, "ablations", rows))
+
+
 # ---- command line -----------------------------------------------------------------------------
 
 def parse_flags(config_cls: type, args: list[str]):
@@ -827,7 +1137,8 @@ def parse_flags(config_cls: type, args: list[str]):
     return config_cls(**values)
 
 
-COMMANDS = {"rationales": (RationalesConfig, rationales)}
+COMMANDS = {"rationales": (RationalesConfig, rationales), "sweep": (SweepConfig, sweep),
+            "fractions": (FractionsConfig, fractions), "ablations": (AblationsConfig, ablations)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -166,6 +166,44 @@ def test_table_is_shaped_like_table_1(tmp_path):
     assert evaluation.delta(0.25, 0.0) == "n/a (+25.00 pts)"  # a baseline at 0% has no relative Δ
 
 
+def write_results(folder: Path, accuracy: float, method: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"test": {"accuracy": accuracy, "n": 100},
+                                                     "valid": {"accuracy": accuracy, "n": 100}, "method": method}))
+
+
+def test_table_over_seeds_shows_the_mean_and_sample_standard_deviation(tmp_path):
+    """SEEDS: a run folder of seed<N>/ runs is one row, its mean ± sample standard deviation (50, 60, 70 ->
+    60.00 ± 10.00); Δ compares means; one seed is a single run; a results.json beside seed folders is ignored."""
+    for seed, accuracy in enumerate((0.50, 0.60, 0.70)):
+        write_results(tmp_path / "obqa" / "tinyllm" / f"seed{seed}", accuracy, "tinyllm")
+    write_results(tmp_path / "obqa" / "tinyllm", 0.99, "tinyllm")  # an older run without SEEDS
+    write_results(tmp_path / "obqa" / "finetune", 0.50, "finetune")
+    write_results(tmp_path / "obqa" / "kd" / "seed0", 0.48, "kd")  # SEEDS="0"
+    text = evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path)))
+    assert "| TinyLLM | 60.00 ± 10.00 |" in text and "| Fine-tune | 50.00 |" in text and "| KD | 48.00 |" in text
+    assert "| Δ_FF | +20.00% (+10.00 pts) |" in text
+    assert "mean ± sample standard deviation (n − 1) over seeds 0, 1, 2" in text
+    assert "| TinyLLM − Fine-tune | not paired: repeated over SEEDS" in text
+
+
+def test_make_table_runs_each_trained_row_once_per_seed():
+    """SEEDS on `make table`: a seed<N>/ run folder and --seed per seed; inference (greedy, no seed) once."""
+    def dry_run(*args: str) -> str:
+        return subprocess.run(["make", "-n", "--no-print-directory", "table", "TABLE_METHODS=inference tinyllm",
+                               "TEACHERS=a=release:x", *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout
+
+    seeded = dry_run("SEEDS=0 1")
+    for run in ("tinyllm", "dss-a"):
+        for seed in (0, 1):
+            assert f"--out=out/obqa/{run}/seed{seed} " in seeded and f"--model=out/obqa/{run}/seed{seed}/best" in seeded
+    assert "--seed=0 " in seeded and "--seed=1 " in seeded
+    assert seeded.count("--method=inference") == 1 and "--out=out/obqa/inference " in seeded
+    plain = dry_run()
+    assert "--out=out/obqa/tinyllm " in plain and "seed0" not in plain
+
+
 def test_pipeline_end_to_end_with_release_teachers(tiny_t5, assets, serve_folder, tmp_path):
     """`make rationales && make train && make eval`: the same three commands, with LIMIT=8, the paper's
     released rationales as teachers, the tiny T5 as STUDENT and the data from a loopback server."""

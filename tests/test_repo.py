@@ -11,10 +11,11 @@ RUNTIME_SCRIPTS = ["tinyllm.py", "t5.py", "llama.py", "data.py", "prompts.py", "
 RUNTIME_PACKAGES = {"torch", "sentencepiece", "safetensors", "numpy", "requests"}
 # jinja2 (chat templates) is itself a dependency of torch, so it costs nothing extra.
 TORCH_DEPENDENCIES = {"jinja2"}
-# Imported lazily, only on the paths that need them: the optional extra for tokenizer.json models
-# (Llama-3, Qwen2, SmolLM2).
-LAZY_PACKAGES = {"tokenizers"}
-MAKE_VARIABLES = ["DATASET", "TEACHERS", "STUDENT", "ALPHA", "METHOD", "DEVICE", "LIMIT", "DATA", "CACHE", "OUT"]
+# Imported lazily, only on the paths that need them: the optional extras for tokenizer.json models
+# (Llama-3, Qwen2, SmolLM2) and for the PNG figures of eval.py (tables still print without it).
+LAZY_PACKAGES = {"tokenizers", "matplotlib"}
+MAKE_VARIABLES = ["DATASET", "TEACHERS", "STUDENT", "ALPHA", "METHOD", "DEVICE", "LIMIT", "DATA", "CACHE", "OUT",
+                  "SEEDS", "ALPHAS", "SWEEP", "FRACTIONS", "METHODS"]
 
 
 def test_requirements_are_the_users_runtime_list():
@@ -52,7 +53,8 @@ def test_runtime_scripts_import_only_runtime_packages_at_top_level():
 
 def test_make_help_lists_targets_and_variables_with_defaults():
     out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for target in ["setup", "test", "clean", "rationales", "train", "eval", "table", "bench", "all"]:
+    for target in ["setup", "test", "clean", "rationales", "train", "eval", "table", "bench", "all", "sweep",
+                   "fractions", "ablations", "report"]:
         assert re.search(rf"^\s+{target}\s", out, re.M), f"make help does not list target {target}"
     for var in MAKE_VARIABLES:
         assert re.search(rf"\b{var}=", out), f"make help does not list variable {var}"

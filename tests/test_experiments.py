@@ -1,0 +1,371 @@
+"""The paper's experiments as commands (tinyllm.py sweep / fractions / ablations) and what eval.py makes of
+them (tables, JSON summaries, figures, report.md): the α sweep (§4.1, Fig. 3), training fractions (Fig. 2)
+and ablations (Table 2). End to end on tiny random weights with the released rationales (LIMIT=4), and on
+hand-made results wherever the numbers (selection on valid, mean ± std over seeds) must come out exact."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import tinyllm
+import train
+from conftest import REPO
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+# enough to move a random model in one step, short targets and answers: a run takes about a second
+TRAIN_ARGS = "--batch_size=4 --max_new_tokens=4 --max_target_tokens=16 --lr=1e-3"
+RELEASE = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory, assets, tiny_t5) -> dict[str, Path]:
+    """The OBQA release (splits and rationale files) and the released rationales of 4 training examples."""
+    root = tmp_path_factory.mktemp("experiments")
+    data.download("obqa", root / "data", base_url=str(assets / "tinyllm_release"), rationales=True)
+    tinyllm.rationales(tinyllm.RationalesConfig(teachers=RELEASE, data=str(root / "data"), cache=str(root / "cache"),
+                                                limit=4, device="cpu"))
+    return {"student": tiny_t5, "data": root / "data", "cache": root / "cache"}
+
+
+def experiment_flags(workspace: dict[str, Path], out: Path, **flags: str) -> list[str]:
+    """The command-line flags of an experiment on the tiny student, LIMIT=4, with `flags` on top."""
+    values = dict(student=workspace["student"], data=workspace["data"], cache=workspace["cache"], out=out, limit=4,
+                  device="cpu", train_args=TRAIN_ARGS)
+    values.update(flags)
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk (the first chunk of every PNG)."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path} is not a PNG: {head!r}"
+    return struct.unpack(">II", head[16:24])
+
+
+def expected_size(kind: str) -> tuple[int, int]:
+    width, height = evaluation.FIGURE_SIZES[kind]
+    return round(width * evaluation.FIGURE_DPI), round(height * evaluation.FIGURE_DPI)
+
+
+def check_figure(path: Path, kind: str, printed: str) -> None:
+    """A PNG of its kind's size with matplotlib; without it, no file and the line saying how to install it."""
+    if HAS_MATPLOTLIB:
+        assert png_size(path) == expected_size(kind), path
+    else:
+        assert not path.exists() and f"{path}: not drawn, {evaluation.MATPLOTLIB_HINT}" in printed
+
+
+def trained_config(run: Path) -> dict:
+    """The train.py config a run folder was trained with (saved with its last checkpoint for --resume)."""
+    return torch.load(run / "last" / "trainer_state.pt", map_location="cpu", weights_only=True)["config"]
+
+
+def write_results(folder: Path, valid: float, test: float, method: str = "tinyllm") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({
+        "test": {"accuracy": test, "n": 100}, "valid": {"accuracy": valid, "n": 100}, "model": str(folder / "best"),
+        "method": method, "dataset": "obqa", "scoring": "generate"}))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Every run is finished already: training, evaluation or rationales would be a bug."""
+    def fail(cfg):
+        raise AssertionError(f"nothing should run here, but {type(cfg).__name__} {getattr(cfg, 'out', '')} did")
+
+    for module, name in ((train, "train"), (evaluation, "evaluate"), (tinyllm, "rationales")):
+        monkeypatch.setattr(module, name, fail)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the α sweep (§4.1, Fig. 3)
+
+def make(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_make_sweep_two_by_two_end_to_end_then_make_report(workspace, tmp_path):
+    """`make sweep SWEEP=...` trains and evaluates the 4 combinations, writes sweep.json with every run's α,
+    valid and test, prints the table with the best on valid, draws the Fig. 3 heatmap; `make report` links it."""
+    out = tmp_path / "out"
+    common = [f"STUDENT={workspace['student']}", f"DATA={workspace['data']}", f"CACHE={workspace['cache']}",
+              f"OUT={out}", "LIMIT=4", "DEVICE=cpu"]
+    printed = make("sweep", *common, "SWEEP=flan-t5-xl=0,1 llama-2=0.5,2", f"TRAIN_ARGS={TRAIN_ARGS}")
+    root = out / "obqa"
+    names = ["flan-t5-xl=0,llama-2=0.5", "flan-t5-xl=0,llama-2=2", "flan-t5-xl=1,llama-2=0.5", "flan-t5-xl=1,llama-2=2"]
+    assert sorted(p.name for p in (root / "sweep").iterdir()) == names
+    summary = json.loads((root / "sweep.json").read_text())
+    assert [row["alpha"] for row in summary["rows"]] == [{"flan-t5-xl": a, "llama-2": b} for a in (0, 1) for b in (0.5, 2)]
+    for row, name in zip(summary["rows"], names):
+        run = root / "sweep" / name
+        results = json.loads((run / "results.json").read_text())
+        assert Path(row["folder"]) == run and row["runs"] == 1
+        assert (row["valid"], row["test"]) == (results["valid"]["accuracy"], results["test"]["accuracy"])
+        assert trained_config(run)["alpha"] == row["alpha_flag"] == name.replace(",", " ")  # each run its own α
+        assert f"| {row['alpha']['flan-t5-xl']:g} | {row['alpha']['llama-2']:g} | {row['valid'] * 100:.2f} |" in printed
+    best = max(summary["rows"], key=lambda row: row["valid"])
+    assert summary["best"]["alpha"] == best["alpha"] and "← best on valid" in printed
+    assert (root / "sweep.md").read_text().strip() in printed
+    check_figure(root / "sweep.png", "sweep", printed)
+
+    printed = make("report", f"OUT={out}")
+    report = (root / "report.md").read_text()
+    assert "python tinyllm.py sweep" in report and "[sweep.md](sweep.md)" in report and "[sweep.json](sweep.json)" in report
+    assert (root / "sweep.md").read_text().strip() in report
+    assert ("![α per teacher (§4.1, Fig. 3)](sweep.png)" in report) == HAS_MATPLOTLIB
+    for name in names:
+        check_figure(root / "sweep" / name / "training.png", "training", "")
+        assert f"- `sweep/{name}`: [{'training.png' if HAS_MATPLOTLIB else 'metrics.jsonl'}]" in report
+    if not HAS_MATPLOTLIB:
+        assert f"training curves: not drawn, {evaluation.MATPLOTLIB_HINT}" in printed
+
+
+def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_path, monkeypatch):
+    """Killed while evaluating its second run: started again, the first run is kept as is (not trained or
+    evaluated again, results.json untouched) and the second is only evaluated; a run whose training had
+    saved last/ but not finished continues from it (--resume) instead of starting over."""
+    cfg = tinyllm.parse_flags(tinyllm.SweepConfig, experiment_flags(workspace, tmp_path, sweep="flan-t5-xl=0,1 llama-2=1"))
+    first, second = tmp_path / "obqa" / "sweep" / "flan-t5-xl=0,llama-2=1", tmp_path / "obqa" / "sweep" / "flan-t5-xl=1,llama-2=1"
+    real_train, real_evaluate = train.train, evaluation.evaluate
+    trained, evaluated, kill = [], [], [True]
+
+    class Killed(Exception):
+        """The process dying (a kill): here an exception that nothing in the pipeline catches."""
+
+    def counted_train(train_cfg):
+        trained.append(train_cfg)
+        return real_train(train_cfg)
+
+    def killed_evaluate(eval_cfg):
+        evaluated.append(eval_cfg.out)
+        if eval_cfg.out == str(second) and kill:
+            kill.clear()
+            raise Killed  # once: after the second run's training ended
+        return real_evaluate(eval_cfg)
+
+    monkeypatch.setattr(train, "train", counted_train)
+    monkeypatch.setattr(evaluation, "evaluate", killed_evaluate)
+    with pytest.raises(Killed):
+        tinyllm.sweep(cfg)
+    assert [t.out for t in trained] == [str(first), str(second)] and not (second / "results.json").exists()
+    finished = (first / "results.json").stat().st_mtime_ns
+    trained.clear(), evaluated.clear()
+
+    summary = tinyllm.sweep(cfg)
+    assert trained == [] and evaluated == [str(second)]  # the second is evaluated, nothing is trained again
+    assert (first / "results.json").stat().st_mtime_ns == finished
+    assert [row["folder"] for row in summary["rows"]] == [str(first), str(second)]
+
+    # killed after last/ was saved but before training ended (no train.json): continued, not redone
+    steps = (second / "metrics.jsonl").read_text()
+    for name in ("train.json", "results.json"):
+        (second / name).unlink()
+    trained.clear(), evaluated.clear()
+    tinyllm.sweep(cfg)
+    assert [(t.out, t.resume) for t in trained] == [(str(second), 1)] and evaluated == [str(second)]
+    assert (second / "metrics.jsonl").read_text() == steps  # no step trained again
+    assert (first / "results.json").stat().st_mtime_ns == finished
+
+
+SWEEP_SCORES = {(0, 0): (0.30, 0.35), (0, 1): (0.50, 0.40), (1, 0): (0.40, 0.45), (1, 1): (0.45, 0.60)}  # (valid, test)
+
+
+def test_the_sweep_chooses_on_valid_where_valid_and_test_disagree(tmp_path, no_training, capsys):
+    """a=0 b=1 is best on valid (50) and a=1 b=1 on test (60): the sweep picks a=0 b=1."""
+    for (a, b), (valid, test) in SWEEP_SCORES.items():
+        write_results(tmp_path / "obqa" / "sweep" / f"a={a},b={b}", valid, test)
+    cfg = tinyllm.SweepConfig(teachers="a=release:x b=release:y", sweep="a=0,1 b=0,1", out=str(tmp_path))
+    summary = tinyllm.sweep(cfg)
+    assert summary["best"]["alpha"] == {"a": 0, "b": 1} and summary["best"]["alpha_flag"] == "a=0 b=1"
+    assert (summary["best"]["valid"], summary["best"]["test"]) == (0.50, 0.40)
+    assert max(summary["rows"], key=lambda row: row["test"])["alpha"] == {"a": 1, "b": 1}  # what test would pick
+    assert json.loads((tmp_path / "obqa" / "sweep.json").read_text()) == summary
+    printed = capsys.readouterr().out
+    assert "| 0 | 1 | 50.00 | 40.00 | ← best on valid |" in printed and "| 1 | 1 | 45.00 | 60.00 | |" in printed
+    assert 'best on valid: ALPHA="a=0 b=1"' in printed
+
+
+def test_sweep_grid_and_flags_are_checked_before_anything_runs(tmp_path, no_training):
+    def sweep(*flags: str) -> None:
+        tinyllm.sweep(tinyllm.parse_flags(tinyllm.SweepConfig, ["--teachers=a=release:x b=release:y",
+                                                                f"--out={tmp_path}", *flags]))
+
+    assert tinyllm.sweep_grid(tinyllm.SweepConfig(alphas="0.01,0.1 1"), ["a", "b"]) == {"a": [0.01, 0.1, 1],
+                                                                                         "b": [0.01, 0.1, 1]}
+    with pytest.raises(SystemExit, match="--sweep gives no α for b: an explicit grid names every teacher"):
+        sweep("--sweep=a=0.1,1")
+    with pytest.raises(SystemExit, match="--sweep: 'c=1' is not name=α,α,... for a teacher"):
+        sweep("--sweep=a=1 b=1 c=1")
+    with pytest.raises(SystemExit, match="--alphas: -1 is not an α >= 0"):
+        sweep("--alphas=1 -1")
+    with pytest.raises(SystemExit, match="--train_args: --alpha is set by the experiment itself"):
+        sweep("--train_args=--epochs=2 --alpha=a=3")
+    with pytest.raises(SystemExit, match="unknown flag --epoch"):
+        sweep("--train_args=--epoch=2")
+    with pytest.raises(SystemExit, match="--splits must include valid"):
+        sweep("--eval_args=--splits=test")
+    with pytest.raises(SystemExit, match="a seed appears twice"):
+        sweep("--seeds=0 1 0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# seeds: mean ± sample standard deviation
+
+def test_experiment_rows_over_seeds_give_the_mean_and_sample_standard_deviation(tmp_path, no_training, capsys):
+    """A sweep row over seed<N>/ folders, hand-made: valid 20, 40, 60 -> 40.00 ± 20.00."""
+    for seed, (valid, test) in enumerate(((0.2, 0.1), (0.4, 0.1), (0.6, 0.4))):
+        write_results(tmp_path / "obqa" / "sweep" / "a=1" / f"seed{seed}", valid, test)
+    summary = tinyllm.sweep(tinyllm.SweepConfig(teachers="a=release:x", alphas="1", seeds="0 1 2", out=str(tmp_path)))
+    row = summary["rows"][0]
+    assert row["runs"] == 3 and summary["seeds"] == [0, 1, 2]
+    assert row["valid"] == pytest.approx(0.4) and row["valid_std"] == pytest.approx(0.2)
+    assert row["test"] == pytest.approx(0.2) and row["test_std"] == pytest.approx(statistics.stdev([0.1, 0.1, 0.4]))
+    printed = capsys.readouterr().out
+    assert "| 1 | 40.00 ± 20.00 | 20.00 ± 17.32 | ← best on valid |" in printed
+    assert "mean ± sample standard deviation (n − 1) over seeds 0, 1, 2" in printed
+
+
+def test_fractions_with_seeds_end_to_end(workspace, tmp_path, capsys):
+    """Fig. 2 with SEEDS: fractions/<method>/<fraction>/seed<N>/, each trained on its fraction with its seed;
+    the table and fractions.json hold the mean and standard deviation of the seeds' results."""
+    cfg = tinyllm.parse_flags(tinyllm.FractionsConfig, experiment_flags(
+        workspace, tmp_path, teachers="llama-2=release:llama-2", fractions="1 0.5", methods="dss finetune",
+        seeds="0 1"))
+    summary = tinyllm.fractions(cfg)
+    assert [(row["run"], row["fraction"]) for row in summary["rows"]] == [
+        ("dss-llama-2", 0.5), ("dss-llama-2", 1.0), ("finetune", 0.5), ("finetune", 1.0)]
+    for row in summary["rows"]:
+        tests = []
+        for seed in (0, 1):
+            run = tmp_path / "obqa" / "fractions" / row["run"] / f"{row['fraction']:g}" / f"seed{seed}"
+            config = trained_config(run)
+            assert (config["method"], config["train_fraction"], config["seed"]) == (row["method"], row["fraction"], seed)
+            tests.append(json.loads((run / "results.json").read_text())["test"]["accuracy"])
+        assert row["runs"] == 2 and row["test"] == pytest.approx(statistics.fmean(tests))
+        assert row["test_std"] == pytest.approx(statistics.stdev(tests))
+    printed = capsys.readouterr().out
+    assert "| Method | 50% of train | 100% of train |" in printed and "| DSS-llama-2 |" in printed
+    assert "full fine-tuning on all of train (Fig. 2's dotted line)" in printed
+    check_figure(tmp_path / "obqa" / "fractions.png", "fractions", printed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ablations (Table 2)
+
+def test_ablations_with_release_teachers_say_they_cannot_be_re_prompted(tmp_path, no_training, capsys):
+    root = tmp_path / "obqa" / "ablations"
+    for name, accuracy in (("tinyllm", 0.60), ("without-a", 0.50), ("without-b", 0.55)):
+        write_results(root / name, accuracy, accuracy)
+    summary = tinyllm.ablations(tinyllm.AblationsConfig(teachers="a=release:flan-t5-xl b=release:llama-2",
+                                                        out=str(tmp_path)))
+    assert [row["name"] for row in summary["rows"]] == ["tinyllm", "without-a", "without-b", "k0", "teacher_forcing0"]
+    printed = capsys.readouterr().out
+    assert "| w/o a | b | `cache` | 50.00 | 50.00 | -10.00 |" in printed
+    for label in ("w/o in-context examples (--k=0)", "w/o teacher forcing (--teacher_forcing=0)"):
+        assert (f"| {label} | a, b | — | n/a | n/a |  | not run: a=release:flan-t5-xl, b=release:llama-2 cannot "
+                "be re-prompted") in printed
+
+
+def test_ablations_with_a_live_teacher_re_prompt_into_their_own_caches(workspace, tmp_path):
+    """A local model as the teacher: --k=0 and --teacher_forcing=0 rationales go into cache-k0/ and
+    cache-teacher_forcing0/, each row trains on its cache, and without the only teacher is fine-tuning."""
+    cache = tmp_path / "cache"
+    teachers = f"tiny={workspace['student']}"
+    tinyllm.rationales(tinyllm.RationalesConfig(teachers=teachers, data=str(workspace["data"]), cache=str(cache),
+                                                limit=4, device="cpu", max_new_tokens=8))
+    cfg = tinyllm.parse_flags(tinyllm.AblationsConfig, experiment_flags(
+        workspace, tmp_path / "out", teachers=teachers, cache=cache, rationales_args="--max_new_tokens=8"))
+    summary = tinyllm.ablations(cfg)
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert list(rows) == ["tinyllm", "without-tiny", "k0", "teacher_forcing0"]
+    main = tinyllm.load_rationales(cache, "obqa", "tiny")
+    for name, settings in (("k0", {"k": 0, "teacher_forcing": True}), ("teacher_forcing0", {"k": 2, "teacher_forcing": False})):
+        assert rows[name]["cache"] == f"{cache}-{name}"
+        made = tinyllm.load_rationales(f"{cache}-{name}", "obqa", "tiny")
+        assert made.keys() == main.keys()
+        for id_, record in made.items():
+            assert {key: record["settings"][key] for key in settings} == settings
+            assert record["prompt_sha256"] != main[id_]["prompt_sha256"]  # re-prompted, not copied
+        config = trained_config(tmp_path / "out" / "obqa" / "ablations" / name)
+        assert (config["cache"], config["method"], config["teachers"]) == (f"{cache}-{name}", "tinyllm", teachers)
+    assert trained_config(tmp_path / "out" / "obqa" / "ablations" / "without-tiny")["method"] == "finetune"
+    assert all(row["test"] is not None for row in rows.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures and the report, from hand-made results of every experiment
+
+def run_every_summary(out: Path) -> None:
+    """Finished runs of Table 1 and of every experiment (nothing left to train) and one training log; then
+    each command and `make report`."""
+    root = out / "obqa"
+    for (a, b), (valid, test) in SWEEP_SCORES.items():
+        write_results(root / "sweep" / f"a={a},b={b}", valid, test)
+    for run in ("tinyllm", "finetune"):
+        for fraction, accuracy in (("0.5", 0.4), ("1", 0.5)):
+            write_results(root / "fractions" / run / fraction, accuracy, accuracy + (run == "tinyllm") * 0.1, run)
+    for name, accuracy in (("tinyllm", 0.6), ("without-a", 0.5), ("without-b", 0.55)):
+        write_results(root / "ablations" / name, accuracy, accuracy)
+    write_results(root / "finetune", 0.5, 0.5, "finetune")
+    for seed, accuracy in enumerate((0.55, 0.65)):
+        write_results(root / "tinyllm" / f"seed{seed}", accuracy, accuracy)
+    log = [{"step": s, "loss": {"answer": 3.0 / s, "a": 4.0 / s, "b": 5.0 / s}} for s in range(1, 5)]
+    (root / "tinyllm" / "seed0" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in log + [{"step": 4, "valid_accuracy": 0.55}]))
+    teachers = "a=release:flan-t5-xl b=release:llama-2"
+    tinyllm.sweep(tinyllm.SweepConfig(teachers=teachers, sweep="a=0,1 b=0,1", out=str(out)))
+    tinyllm.fractions(tinyllm.FractionsConfig(teachers=teachers, fractions="0.5 1", methods="tinyllm finetune",
+                                              out=str(out)))
+    tinyllm.ablations(tinyllm.AblationsConfig(teachers=teachers, out=str(out)))
+    evaluation.main(["table", f"--out={out}"])
+    evaluation.main(["report", f"--out={out}"])
+
+
+FIGURES = {"table.png": "table", "sweep.png": "sweep", "fractions.png": "fractions", "ablations.png": "ablations",
+           "tinyllm/seed0/training.png": "training"}
+
+
+def test_every_figure_is_a_png_of_its_size_and_the_report_links_it(tmp_path, no_training):
+    pytest.importorskip("matplotlib", reason="the optional plots need matplotlib (requirements-extra.txt)")
+    run_every_summary(tmp_path)
+    root = tmp_path / "obqa"
+    report = (root / "report.md").read_text()
+    for name, kind in FIGURES.items():
+        assert png_size(root / name) == expected_size(kind), name
+        assert f"({name})" in report, name
+    for name in ("table", "sweep", "fractions", "ablations"):
+        assert f"[{name}.md]({name}.md)" in report and (root / f"{name}.md").read_text().strip() in report
+
+
+def test_without_matplotlib_every_table_prints_and_each_plot_says_how_to_install_it(tmp_path, no_training,
+                                                                                    monkeypatch, capsys):
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.patches"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import matplotlib...` now raises ImportError
+    run_every_summary(tmp_path)
+    root = tmp_path / "obqa"
+    printed = capsys.readouterr().out
+    for name in FIGURES:
+        assert not (root / name).exists(), name
+    for name in ("table", "sweep", "fractions", "ablations"):
+        assert (root / f"{name}.md").read_text().strip() in printed  # the table itself, printed
+        assert f"{root / name}.png: not drawn, {evaluation.MATPLOTLIB_HINT}" in printed
+    assert f"training curves: not drawn, {evaluation.MATPLOTLIB_HINT}" in printed
+    assert "pip install matplotlib" in evaluation.MATPLOTLIB_HINT
+    report = (root / "report.md").read_text()
+    assert "![" not in report and "[ablations.md](ablations.md)" in report
+    assert "- `tinyllm/seed0`: [metrics.jsonl](tinyllm/seed0/metrics.jsonl)" in report
