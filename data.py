@@ -24,17 +24,22 @@ byte 0 (once). Files already present and verified are never fetched again.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
+import time
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, TextIO
 
 import requests
 
@@ -148,7 +153,26 @@ PIQA_TRAIN_STAND_IN = "piqa/piqa_train.reconstructed.json"
 LOCK_NAME = ".download.lock"  # in the data folder: serialises downloads between processes
 
 
-class DownloadError(RuntimeError):
+# ----------------------------------------------------------------------------- errors, interrupts, progress
+# Shared by every script (this is the lowest module they all import); tinyllm.run_main is the handler.
+
+class UserError(SystemExit):
+    """An expected failure, caused by the user's input or environment (a flag, a file, a server, the
+    disk), never by a bug: the message names the culprit and, where there is one, the fix (the flag,
+    variable or command). Each script's entry point (tinyllm.run_main) prints it as one block without
+    a traceback (`--debug=1` or TINYLLM_DEBUG=1 adds it); anything else is a bug and keeps its traceback.
+
+    A SystemExit rather than an Exception on purpose: (1) `raise SystemExit(message)`, Python's own
+    idiom for "stop with this message", already was the convention here, so the two are treated
+    alike; (2) where no handler runs (a notebook, a forgotten entry point) Python still prints only
+    the message and exits 1; (3) a broad `except Exception` in library code cannot swallow it and
+    carry on."""
+
+    def __init__(self, message: str):  # one message, never an exit status
+        super().__init__(message)
+
+
+class DownloadError(UserError):
     """A file could not be fetched or failed its checksum; the message names file and URL. `status`
     is the HTTP status when the server answered with an error, else None."""
 
@@ -159,6 +183,87 @@ class DownloadError(RuntimeError):
 
 class _NotFound(DownloadError):
     """HTTP 404 / missing from a folder: the only failure that lets PIQA's stand-in replace its train file."""
+
+
+@contextlib.contextmanager
+def interrupt_note(note: str | Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C inside the block: the entry point's handler prints `note` (what was kept, how to go on;
+    a callable is asked at that moment). The innermost block wins: its note is attached to the
+    KeyboardInterrupt on the way out, and outer blocks leave it alone."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        if not hasattr(interrupt, "kept"):
+            interrupt.kept = note() if callable(note) else note
+        raise
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_bytes(n: float) -> str:
+    units, power = ("B", "kB", "MB", "GB"), 0
+    while n >= 1000 and power < len(units) - 1:
+        n, power = n / 1000, power + 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
+
+
+class Progress:
+    """`label: done/total  rate unit/s  [tokens/s]  ETA` for one long step (downloads, rationales,
+    evaluation). On a terminal the line is rewritten in place (\r, at most 10 times a second); in a
+    log (CI, a file) a plain line every `every` seconds and one at the end. With `delay` > 0 nothing
+    is shown for a step that ends within `delay` seconds. unit="B" prints sizes as kB/MB/GB;
+    total=None (a size the server did not send) leaves out the total and the ETA."""
+
+    open_line: ClassVar[bool] = False  # a \r line is not ended yet: end_line() before other output
+
+    def __init__(self, label: str, total: int | None, unit: str = "items", every: float = 5.0,
+                 delay: float = 0.0, stream: TextIO | None = None):
+        self.label, self.total, self.unit, self.every, self.delay = label, total, unit, every, delay
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.done, self.shown = 0, False
+        self.start = time.perf_counter()
+        self.last = self.start - every  # a log gets its first line as soon as the delay is over
+
+    def update(self, done: int, tokens: int | None = None) -> None:
+        """`done` more units finished; `tokens` is the running total of generated tokens, if any."""
+        self.done += done
+        now = time.perf_counter()
+        finished = self.total is not None and self.done >= self.total
+        if (now - self.start < self.delay and not (finished and self.shown)) or not self.done:
+            return  # a quick step shows nothing; nor does a batch that made nothing
+        if not finished and now - self.last < (0.1 if self.tty else self.every):
+            return
+        self.last, self.shown = now, True
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        size = format_bytes if self.unit == "B" else str
+        line = f"{self.label}: {size(self.done)}" + (f"/{size(self.total)}" if self.total is not None else "")
+        line += f"  {format_bytes(rate)}/s" if self.unit == "B" else f"  {rate:.2f} {self.unit}/s"
+        if tokens is not None:
+            line += f"  {tokens / elapsed:.1f} tokens/s"
+        if self.total is not None:
+            line += f"  ETA {format_seconds((self.total - self.done) / rate) if rate else '?'}"
+        if self.tty:
+            Progress.open_line = not finished
+            print("\r" + line + ("\n" if finished else ""), end="", file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """The step is over (needed only where the total was not known): end its terminal line."""
+        if self.shown:
+            Progress.end_line()
+
+    @staticmethod
+    def end_line() -> None:
+        """End a half-drawn terminal line, so that a message printed next starts on its own line."""
+        if Progress.open_line:
+            print(file=sys.stderr, flush=True)
+            Progress.open_line = False
 
 
 @dataclass(frozen=True)
@@ -262,20 +367,30 @@ def http_download(url: str, part: Path, what: str,
             expected = response.headers.get("Content-Length")
             expected = int(expected) if expected and "Content-Encoding" not in response.headers else None
             received = 0
+            # shown only for a file that takes more than a couple of seconds (the dataset files do not)
+            progress = Progress(what, expected, unit="B", delay=2.0)
             with open(part, "ab" if resumed else "wb") as f:
                 # small chunks: a connection that breaks loses at most one, the rest is resumed
                 for chunk in response.iter_content(1 << 16):
                     f.write(chunk)
                     received += len(chunk)
+                    progress.update(len(chunk))
+                progress.close()
                 f.flush()
                 os.fsync(f.fileno())
     except requests.RequestException as e:  # connection reset, IncompleteRead, timeouts
-        raise DownloadError(f"{what}: download from {url} failed: {e}") from e
+        raise DownloadError(f"{what}: download from {url} failed: {request_problem(e)}") from e
     if expected is not None and received != expected:
         raise DownloadError(f"{what}: truncated body from {url}: got {received} of {expected} bytes")
     if offset and resumed:
         log.info("resumed %s at byte %d from %s", what, offset, url)
     return resumed, response.headers
+
+
+def request_problem(error: requests.RequestException) -> str:
+    """requests' message nests urllib3's (a paragraph); the OS's reason is what the user needs."""
+    reason = re.search(r"\[Errno -?\d+\] [^'\")]*", str(error))  # e.g. [Errno 111] Connection refused
+    return f"{type(error).__name__}: {reason.group(0) if reason else str(error)[:300]}"
 
 
 def _fetch_one(rel: str, dest: Path, base: str) -> None:
@@ -286,21 +401,26 @@ def _fetch_one(rel: str, dest: Path, base: str) -> None:
     local = _local_root(base)
     for attempt in range(2):
         try:
-            if local is not None:
-                _copy_local(local / rel, part, url, rel)
-                resumed = False
-            else:
-                resumed, _ = http_download(url, part, rel)
+            # Ctrl-C keeps the .part: the next run resumes it with a Range request
+            with interrupt_note(f"the partial download {part} is kept and resumed by the next run"):
+                if local is not None:
+                    _copy_local(local / rel, part, url, rel)
+                    resumed = False
+                else:
+                    resumed, _ = http_download(url, part, rel)
             problem = checksum_problem(part, rel)
-        except DownloadError:
-            part.unlink(missing_ok=True)  # no partial file left behind an error we can see
+        except (DownloadError, OSError) as error:
+            part.unlink(missing_ok=True)  # no partial file left behind an error we can see (a full disk too)
+            if isinstance(error, OSError) and error.filename is None:
+                error.filename = str(part)  # a failed write names no file by itself
             raise
         if problem is None:
             os.replace(part, dest)
             return
         part.unlink()
         if not (resumed and attempt == 0):  # a stale .part may be to blame: one clean restart
-            raise DownloadError(f"{rel}: checksum mismatch for {url}: {problem}")
+            raise DownloadError(f"{rel}: checksum mismatch for {url}: {problem}; the source does not hold the "
+                                f"release's file: point TINYLLM_DATA_URL at a copy of the release (or unset it)")
         log.warning("%s: resumed download failed its checksum (%s); fetching again from byte 0", rel, problem)
 
 
@@ -322,6 +442,9 @@ def fetch(rel: str, data_dir: str | Path = "data", base_url: str | None = None) 
     if found := verified():
         return found
     base = base_url or source_url()
+    if dest.is_file():  # a damaged or edited copy: say so, since the download below may fail as well
+        log.warning("%s fails its checksum (%s); fetching it again from %s", dest, checksum_problem(dest, rel),
+                    _join(base, rel))
     data_dir.mkdir(parents=True, exist_ok=True)
     # one downloader per data folder (torchrun ranks share it); flock is dropped when a process dies
     with open(data_dir / LOCK_NAME, "a") as lock:
@@ -343,9 +466,10 @@ def fetch(rel: str, data_dir: str | Path = "data", base_url: str | None = None) 
 
 def split_file(dataset: str, split: str) -> str:
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)} "
+                        "(--dataset, DATASET= for make)")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     return f"{dataset}/{dataset}_{split}.json"
 
 
@@ -387,22 +511,23 @@ def _rows(path: Path) -> list[tuple[str, object]]:
         try:
             rows.append((f"row {len(rows)} (line {lineno})", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {lineno}: not JSON ({e.msg}) and the file is not one JSON list")
+            raise UserError(f"{path}: line {lineno}: not JSON ({e.msg}) and the file is not one JSON list")
     return rows
 
 
 def read_examples(path: str | Path) -> list[Example]:
     """Read and validate a split file: every row needs an id, a non-empty question, at least two
-    non-empty options, and an answer text equal to exactly one option. Errors name file and row."""
+    non-empty options, and an answer text equal to exactly one option. Errors (UserError) name the file,
+    the row and the field."""
     path = Path(path)
     rows = _rows(path)
     if not rows:
-        raise ValueError(f"{path}: no examples")
+        raise UserError(f"{path}: no examples")
     examples, seen = [], set()
     for where, row in rows:
-        def bad(problem: str) -> ValueError:
+        def bad(problem: str) -> UserError:
             ident = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
-            return ValueError(f"{path}: {where}{ident}: {problem}")
+            return UserError(f"{path}: {where}{ident}: {problem}")
 
         if not isinstance(row, dict):
             raise bad(f"expected an object, got {type(row).__name__}")
@@ -433,6 +558,8 @@ def read_examples(path: str | Path) -> list[Example]:
 
 def load_split(dataset: str, split: str, data_dir: str | Path = "data", limit: int | None = None) -> list[Example]:
     """A split as released (downloaded and verified if needed); limit = the first N (0/None: all)."""
+    if limit is not None and limit < 0:  # a negative slice would silently drop the last examples
+        raise UserError(f"--limit={limit}: must be >= 0 (0 = every example; LIMIT= for make)")
     path = fetch(split_file(dataset, split), data_dir)
     if path.name == Path(PIQA_TRAIN_STAND_IN).name:
         log.warning("piqa train: reading the stand-in %s, not the release's original file", path)
@@ -450,7 +577,7 @@ def train_subset(train: list[Example], fraction: float, seed: int = 0) -> list[E
     """The paper's Figure 2: a seeded `fraction` of train (12.5% ... 100%), kept in file order. Ranking
     by stable_hash(seed, id) makes smaller fractions subsets of larger ones for the same seed."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"--train_fraction={fraction}: must be in (0, 1]")
     if fraction == 1.0:
         return list(train)
     keep = max(1, round(fraction * len(train)))
@@ -473,7 +600,7 @@ def in_context_examples(example: Example, pool: list[Example], k: int = 2, seed:
     for the same pool. Cost O(k), so building prompts for a whole train split stays linear."""
     candidates = sum(other.id != example.id for other in pool)
     if k > candidates:
-        raise ValueError(f"in_context_examples: k={k} but the pool has only {candidates} other examples")
+        raise UserError(f"--k={k} in-context examples, but the pool has only {candidates} other examples: lower --k")
     chosen: list[Example] = []
     ids = {example.id}
     draw = 0
@@ -494,10 +621,10 @@ def load_release_rationales(dataset: str, split: str, data_dir: str | Path = "da
         path = fetch(rel, data_dir)
         batch = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(batch, list) or not all(isinstance(raw, str) for raw in batch):
-            raise ValueError(f"{path}: expected a JSON list of strings")
+            raise UserError(f"{path}: expected a JSON list of strings")
         raws += batch
     n = len(load_split(dataset, split, data_dir))
     if len(raws) != n:
-        raise ValueError(f"{dataset}/llm/{split}_CoT_*.json hold {len(raws)} rationales but the {split} "
-                         f"split has {n} examples: they must align by position")
+        raise UserError(f"{dataset}/llm/{split}_CoT_*.json hold {len(raws)} rationales but the {split} "
+                        f"split has {n} examples: they must align by position")
     return raws

@@ -1,9 +1,11 @@
 """data.py: pinned downloads from a loopback server, the six released datasets, validation, sampling."""
 import functools
 import http.server
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -304,7 +306,7 @@ def test_malformed_rows_give_errors_naming_file_and_row(tmp_path, row, problem, 
     else:
         path.write_text("\n".join(json.dumps(r) for r in (good, row)) + "\n")
         where = "row 1 (line 2)"
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(data.UserError) as error:
         data.read_examples(path)
     assert str(error.value).startswith(f"{path}: {where}") and problem in str(error.value), str(error.value)
 
@@ -312,17 +314,17 @@ def test_malformed_rows_give_errors_naming_file_and_row(tmp_path, row, problem, 
 def test_broken_json_line_and_empty_file_are_named(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("[]")
-    with pytest.raises(ValueError, match=rf"{path}: no examples"):
+    with pytest.raises(data.UserError, match=rf"{path}: no examples"):
         data.read_examples(path)
     path.write_text('{"id": "0", "question": "q", "choices": ["x", "y"], "answer": "x"}\n{"id": "1", \n')
-    with pytest.raises(ValueError, match=rf"{path}: line 2: not JSON"):
+    with pytest.raises(data.UserError, match=rf"{path}: line 2: not JSON"):
         data.read_examples(path)
 
 
 def test_unknown_dataset_split_or_file(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'csqa'"):
+    with pytest.raises(data.UserError, match="unknown dataset 'csqa'"):
         data.load_split("csqa", "train", tmp_path)
-    with pytest.raises(ValueError, match="unknown split 'dev'"):
+    with pytest.raises(data.UserError, match="unknown split 'dev'"):
         data.load_split("arc", "dev", tmp_path)
     with pytest.raises(ValueError, match="not a file of the TinyLLM release"):
         data.fetch("arc/arc_extra.json", tmp_path)
@@ -352,7 +354,7 @@ def test_train_fraction_is_a_seeded_nested_subset_in_file_order(release_data):
     assert data.train_subset(train, 0.25, seed=1) != subsets[0.25]
     splits = data.load_dataset("obqa", release_data, train_fraction=0.5, limit=3)
     assert splits["train"] == subsets[0.5][:3] and len(splits["test"]) == 3
-    with pytest.raises(ValueError, match="train_fraction must be in"):
+    with pytest.raises(data.UserError, match=r"--train_fraction=0.0: must be in"):
         data.train_subset(train, 0.0)
 
 
@@ -372,6 +374,68 @@ def test_in_context_examples_are_deterministic_and_never_the_example_itself(rele
     assert data.stable_hash(0, "8-343") == 0x668ED8921916F55A
     tiny = pool[:3]
     assert data.in_context_examples(tiny[0], tiny, k=2) in (tiny[1:], tiny[:0:-1])
-    with pytest.raises(ValueError, match="k=3 but the pool has only 2 other examples"):
+    with pytest.raises(data.UserError, match="k=3 in-context examples, but the pool has only 2 other examples"):
         data.in_context_examples(tiny[0], tiny, k=3)
     assert data.in_context_examples(tiny[0], tiny, k=0) == []
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Clock:
+    """time.perf_counter under the test's control: each call moves it on by `step` seconds."""
+
+    def __init__(self, step: float = 0.0):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_prints_plain_lines_in_a_log(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    terminal = Terminal()
+    progress = data.Progress("obqa test", 4, unit="examples", stream=terminal)
+    for _ in range(4):
+        clock.now += 1.0
+        progress.update(1)
+    assert terminal.getvalue() == "".join(f"\robqa test: {n}/4  1.00 examples/s  ETA 0:00:0{4 - n}" for n in range(1, 5)) + "\n"
+    assert not data.Progress.open_line  # the finished line is ended
+
+    log = io.StringIO()  # not a terminal: the first update, then one line every 5 s, and the last
+    progress = data.Progress("llama-2", 10, unit="rationales", stream=log)
+    for n in range(1, 11):
+        clock.now += 1.0
+        progress.update(1, tokens=20 * n)
+    assert [line.split(":")[1].split()[0] for line in log.getvalue().splitlines()] == ["1/10", "6/10", "10/10"]
+    assert log.getvalue().splitlines()[-1] == "llama-2: 10/10  1.00 rationales/s  20.0 tokens/s  ETA 0:00:00"
+
+
+def test_progress_in_bytes_shows_only_for_a_step_longer_than_its_delay(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    log = io.StringIO()
+    quick = data.Progress("small.json", 1000, unit="B", delay=2.0, stream=log)
+    clock.now += 1.0
+    quick.update(1000)
+    assert log.getvalue() == ""  # done within the delay: nothing to show
+    slow = data.Progress("big.bin", 3_000_000, unit="B", delay=2.0, stream=log)
+    for _ in range(3):
+        clock.now += 1.0
+        slow.update(1_000_000)
+    assert log.getvalue().splitlines() == ["big.bin: 2.0 MB/3.0 MB  1.0 MB/s  ETA 0:00:01",
+                                           "big.bin: 3.0 MB/3.0 MB  1.0 MB/s  ETA 0:00:00"]
+
+
+def test_a_slow_download_shows_its_progress(release, serve_folder, tmp_path, monkeypatch, capsys):
+    server = serve_folder(release)
+    monkeypatch.setattr(time, "perf_counter", Clock(step=1.5))  # every look at the clock: 1.5 s later
+    data.fetch("obqa/obqa_valid.json", tmp_path, base_url=server.url)
+    assert re.search(r"^obqa/obqa_valid\.json: 112\.2 kB/112\.2 kB  [\d.]+ kB/s  ETA 0:00:00$", capsys.readouterr().err,
+                     re.M)
