@@ -22,10 +22,15 @@ and one line in TEACHER_KINDS.
 References: TinyLLM (Tian et al., arXiv 2402.04616); the Hugging Face hub's file layout
 `/{repo}/resolve/{revision}/{file}`; the OpenAI HTTP API (`/v1/completions`, `/v1/chat/completions`).
 """
+import ast
 import collections
 import dataclasses
+import difflib
+import errno
 import fcntl
 import hashlib
+import inspect
+import io
 import itertools
 import json
 import math
@@ -35,7 +40,10 @@ import shlex
 import sys
 import threading
 import time
+import tokenize
+import traceback
 import typing
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,7 @@ import data
 import llama
 import prompts
 import t5
+from data import Progress, UserError, format_seconds, interrupt_note  # noqa: F401 (the scripts' shared helpers)
 
 
 # ---- files: atomic writes ---------------------------------------------------------------------
@@ -64,11 +73,17 @@ def fsync_path(path: Path) -> None:
 def atomic_write(path: Path, content: bytes) -> None:
     """Temp file in the same folder + fsync + os.replace: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:  # a full disk, Ctrl-C: no temp file left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)
+        raise
     fsync_path(path.parent)
 
 
@@ -95,7 +110,7 @@ def resolve_model(source: str) -> Path:
         return path
     match = HUB_ID.match(source)
     if match is None:
-        raise ValueError(f"model {source!r}: not a folder, and not a hub id org/name[@revision]")
+        raise UserError(f"model {source!r}: not a folder, and not a hub id org/name[@revision]")
     org, name, revision = match.group(1), match.group(2), match.group(3) or "main"
     folder = tinyllm_home() / "hub" / f"{org}--{name}" / revision
     if (folder / ".complete").exists():
@@ -124,18 +139,18 @@ def download_snapshot(repo: str, revision: str, folder: Path) -> None:
     for filename in HUB_OPTIONAL:
         fetch(filename, required=False)
     if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        raise ValueError(f"{what}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)}) on {endpoint}")
+        raise UserError(f"{what}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)}) on {endpoint}")
     if fetch("model.safetensors.index.json", required=False):
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         shards = sorted(set(index.get("weight_map", {}).values()))
         bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
         if not shards or bad:
-            raise ValueError(f"{what}: model.safetensors.index.json has a bad weight_map (shards {bad or shards})")
+            raise UserError(f"{what}: model.safetensors.index.json has a bad weight_map (shards {bad or shards})")
         for shard in shards:
             fetch(shard, required=True)
     elif not fetch("model.safetensors", required=False):
-        raise ValueError(f"{what}: neither model.safetensors nor model.safetensors.index.json on "
-                         f"{endpoint} (only safetensors checkpoints are read)")
+        raise UserError(f"{what}: neither model.safetensors nor model.safetensors.index.json on "
+                        f"{endpoint} (only safetensors checkpoints are read)")
     atomic_write(folder / ".complete", json.dumps({"repo": repo, "revision": revision,
                                                    "endpoint": endpoint}).encode())
 
@@ -165,20 +180,21 @@ def download_file(session: requests.Session, url: str, dest: Path, required: boo
             if e.status == 404:
                 if not required:
                     return False
-                raise ValueError(f"{what}: {dest.name} not found (404 from {url})") from None
+                raise UserError(f"{what}: {dest.name} not found (404 from {url}); check the model id "
+                                f"(and HF_ENDPOINT)") from e
             if e.status in (401, 403):
-                raise ValueError(f"{what}: access denied ({e.status} from {url}); gated or private "
-                                 "models need HF_TOKEN set to a token with access") from None
+                raise UserError(f"{what}: access denied ({e.status} from {url}); gated or private "
+                                "models need HF_TOKEN set to a token with access") from e
             problem = str(e)
             continue
         sha256 = expected_sha256(headers)
         if sha256 is not None and data.file_sha256(part) != sha256:
             part.unlink()
-            raise ValueError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
+            raise UserError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
         os.replace(part, dest)
         fsync_path(dest.parent)
         return True
-    raise ValueError(f"{what}: download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {problem}")
+    raise UserError(f"{what}: download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {problem}")
 
 
 
@@ -191,14 +207,27 @@ def load_model(source: str, dtype: torch.dtype = torch.float32,
     folder = resolve_model(source)
     config_path = folder / "config.json"
     if not config_path.exists():
-        raise ValueError(f"model {source!r}: {config_path} not found")
-    kind = "t5" if json.loads(config_path.read_text()).get("model_type") == "t5" else "llama"
-    model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
+        raise UserError(f"model {source!r}: {config_path} not found (not a Hugging Face model folder)")
+    # t5.py and llama.py import nothing of ours and raise ValueError / FileNotFoundError about the
+    # folder (its config, weights, keys, shapes, tokenizer): here, where the user's model enters,
+    # they become UserErrors.
     try:
+        kind = "t5" if json.loads(config_path.read_text()).get("model_type") == "t5" else "llama"
+        model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
         model = model_cls.from_pretrained(folder, dtype=dtype, device=device)
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from None
-    return model, tokenizer_cls.from_pretrained(folder), kind
+    except ValueError as e:  # config values, keys, shapes
+        raise UserError(f"{config_path}: {e}") from e
+    except FileNotFoundError as e:  # no weights, a missing shard
+        raise UserError(f"model {source!r}: {e}") from e
+    try:
+        tokenizer = tokenizer_cls.from_pretrained(folder)
+    except ImportError as e:  # tokenizer.json needs the optional `tokenizers`; the message says how
+        raise UserError(f"model {source!r}: {e}") from e
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"model {source!r}: no usable tokenizer: {e}; a checkpoint folder needs the tokenizer "
+                        f"files of the model it was trained from (spiece.model, tokenizer.model or tokenizer.json)"
+                        ) from e
+    return model, tokenizer, kind
 
 
 # ---- the rationale cache ----------------------------------------------------------------------
@@ -233,7 +262,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
         except ValueError as e:
             if number == len(lines):
                 break
-            raise ValueError(f"{path}:{number}: not a JSON record ({e}); the cache file is damaged") from None
+            raise UserError(f"{path}:{number}: not a JSON record ({e}); the cache file is damaged: delete that "
+                            "line (or the file) and rerun `make rationales` to make what is missing") from e
         good += len(line)
     return records, good
 
@@ -242,26 +272,38 @@ def read_cache(cache_dir: str | Path, dataset: str, teacher: str) -> dict[tuple[
     """(split, id) -> the newest record, errors included, over the main file and its rank shards."""
     newest: dict[tuple[str, str], dict] = {}
     for path in cache_files(cache_dir, dataset, teacher):
-        for record in read_jsonl(path)[0]:
+        for number, record in enumerate(read_jsonl(path)[0], 1):
+            if record.get("teacher") != teacher:  # a file copied or renamed from another teacher's
+                raise UserError(f"{path}:{number}: a record of teacher {record.get('teacher')!r}, but this is "
+                                f"teacher {teacher!r}'s cache file: move it back to "
+                                f"{record.get('teacher')}.jsonl, or delete it and rerun `make rationales`")
             key = (record["split"], record["id"])
             if key not in newest or record["time"] >= newest[key]["time"]:
                 newest[key] = record
     return newest
 
 
-def load_rationales(cache_dir: str | Path, dataset: str, teacher: str, split: str = "train") -> dict[str, dict]:
+def load_rationales(cache_dir: str | Path, dataset: str, teacher: str, split: str = "train",
+                    source: str | None = None) -> dict[str, dict]:
     """Example id -> record of one teacher's rationales for one split. Records whose generation
-    failed (`error` set) are left out: they hold no rationale."""
-    return {id_: record for (record_split, id_), record in read_cache(cache_dir, dataset, teacher).items()
-            if record_split == split and record["error"] is None}
+    failed (`error` set) are left out: they hold no rationale. With `source`, every record must have
+    been made by that teacher source (the rationales of another model are never trained on silently)."""
+    records = {id_: record for (record_split, id_), record in read_cache(cache_dir, dataset, teacher).items()
+               if record_split == split and record["error"] is None}
+    others = sorted({record["source"] for record in records.values()} - {source}) if source is not None else []
+    if others:
+        raise UserError(f"{cache_file(cache_dir, dataset, teacher)}: rationales made by {', '.join(others)}, but "
+                        f"TEACHERS says {teacher}={source}: run `make rationales` with these TEACHERS to remake "
+                        f"them, or give {teacher} the source the cache was made with")
+    return records
 
 
 class CacheWriter:
     """Appends records to one cache file: one write + flush + fsync per batch, so a crash loses at
-    most the batch in flight (and a torn line that readers drop)."""
+    most the batch in flight (and a torn line that readers drop). The file is opened at the first
+    record, so a teacher that fails at once leaves no empty file behind."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             _, good = read_jsonl(path)
             if good < path.stat().st_size:  # cut a torn last line, or the next record would join it
@@ -269,23 +311,35 @@ class CacheWriter:
                     f.truncate(good)
                     os.fsync(f.fileno())
         self.path = path
-        self.file = open(path, "ab", buffering=0)
+        self.file: typing.BinaryIO | None = None
 
     def write(self, records: list[dict]) -> None:
+        if not records:
+            return
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "ab", buffering=0)
         content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
         view = memoryview(content)
-        while view:
-            view = view[self.file.write(view):]
-        os.fsync(self.file.fileno())
+        try:
+            while view:
+                view = view[self.file.write(view):]
+            os.fsync(self.file.fileno())
+        except OSError as error:  # a full disk: name the file (readers drop the torn line it may leave)
+            error.filename = error.filename or str(self.path)
+            raise
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def compact_cache(cache_dir: str | Path, dataset: str, teacher: str) -> None:
     """Rewrite the main file with the newest record per example and remove the rank shards, when
     there is anything to drop (superseded records, a torn line, shards). Atomic."""
     paths = cache_files(cache_dir, dataset, teacher)
+    if not paths:  # nothing made (a teacher that failed at once): no empty file either
+        return
     newest = read_cache(cache_dir, dataset, teacher)
     main = cache_file(cache_dir, dataset, teacher)
     if paths == [main] and main.stat().st_size == sum(
@@ -418,22 +472,27 @@ def continuous_generate(slots, prompts_: list[list[int]], limits: list[int], eos
                 owner = [owner[row] for row in live]
 
 
+class MalformedResponse(ValueError):
+    """A 200 answer that is not an OpenAI response at all (not JSON, no choice): it says nothing about
+    the example (a proxy's page, a server of another kind), so it is retried like a 5xx."""
+
+
 class OpenAITeacher:
     """An OpenAI-compatible server (vLLM, llama.cpp server, ollama, ...): `openai:BASE_URL#MODEL`
     posts to BASE_URL/v1/chat/completions with the prompt as one user message (chat models);
     `openai-completions:BASE_URL#MODEL` posts the prompt as is to BASE_URL/v1/completions (base
     models). BASE_URL may end in /v1 or not. `concurrency` requests at a time, each with `timeout`;
-    connection errors, timeouts, 429 and 5xx are retried `retries` times with exponential backoff;
-    a server still failing after that ends the run (TeacherUnavailable). OPENAI_API_KEY, when set,
-    is sent as the bearer token."""
+    connection errors, timeouts, 429, 5xx and answers that break the protocol (not JSON, no choice)
+    are retried `retries` times with exponential backoff; a server still failing after that ends the
+    run (TeacherUnavailable). OPENAI_API_KEY, when set, is sent as the bearer token."""
     prompted = True
     chat = True
 
     def __init__(self, spec: str, cfg: "RationalesConfig", device: str):
         base, _, model = spec.partition("#")
         if not base.startswith(("http://", "https://")) or not model:
-            raise SystemExit(f"teacher source {spec!r}: expected BASE_URL#MODEL, e.g. "
-                             "openai:http://localhost:8000/v1#Qwen/Qwen2.5-7B-Instruct")
+            raise UserError(f"teacher source {spec!r}: expected BASE_URL#MODEL, e.g. "
+                            "openai:http://localhost:8000/v1#Qwen/Qwen2.5-7B-Instruct")
         base = base.rstrip("/")
         self.url = (base if base.endswith("/v1") else base + "/v1") + ("/chat/completions" if self.chat else "/completions")
         self.model, self.cfg = model, cfg
@@ -453,7 +512,12 @@ class OpenAITeacher:
 
     def generate(self, jobs: list[Job]) -> list[str | Exception]:
         with ThreadPoolExecutor(self.cfg.concurrency) as pool:
-            return list(pool.map(self.request, [job.prompt for job in jobs]))
+            try:
+                return list(pool.map(self.request, [job.prompt for job in jobs]))
+            except BaseException:  # Ctrl-C: no queued request may still go out while the pool shuts down
+                self.down.set()
+                pool.shutdown(cancel_futures=True)
+                raise
 
     def request(self, prompt: str) -> str | Exception:
         cfg = self.cfg
@@ -469,32 +533,43 @@ class OpenAITeacher:
             try:
                 response = self.session().post(self.url, json=body, timeout=cfg.timeout)
             except (requests.ConnectionError, requests.Timeout) as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem = data.request_problem(e)
                 continue
             if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}: {response.text[:200]}"
+                problem = f"HTTP {response.status_code}: {response.text[:200]!r}"
                 retry_after = response.headers.get("Retry-After", "")
                 wait = float(retry_after) if retry_after.isdigit() else 0.0  # the server's own advice
                 continue
             if response.status_code in (401, 403, 404):  # the same answer for every example: stop
                 self.down.set()
                 return TeacherUnavailable(f"{self.url} answered HTTP {response.status_code} "
-                                          f"({response.text[:200]}); check the URL, the model name "
+                                          f"({response.text[:200]!r}); check the URL, the model name "
                                           f"{self.model!r} and OPENAI_API_KEY")
             if response.status_code != 200:  # e.g. 400 for a prompt over the context length
                 return ValueError(f"HTTP {response.status_code}: {response.text[:300]}")
-            return self.text(response)
+            text = self.text(response)
+            if not isinstance(text, MalformedResponse):
+                return text
+            problem = f"HTTP 200 with {text}: {response.text[:200]!r}"  # a proxy's page, a broken server
         self.down.set()
         return TeacherUnavailable(f"{self.url} still failing after {cfg.retries + 1} attempts: "
-                                  f"{problem or 'another request gave up on the server'}")
+                                  f"{problem or 'another request gave up on the server'}; check the server "
+                                  "(or raise --retries, --backoff, --timeout)")
 
     def text(self, response: requests.Response) -> str | Exception:
+        """The text of a 200 answer, a per-example error, or a MalformedResponse."""
         try:
             body = response.json()
-            choice = body["choices"][0]
+        except ValueError:
+            return MalformedResponse("a body that is not JSON")
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if not isinstance(choices, list) or not choices:
+            return MalformedResponse("no choices in the response")
+        try:
+            choice = choices[0]
             text = choice["message"]["content"] if self.chat else choice["text"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            return ValueError(f"malformed response ({type(e).__name__}: {e}): {response.text[:300]!r}")
+        except (KeyError, TypeError) as e:
+            return MalformedResponse(f"a malformed choice ({type(e).__name__}: {e})")
         if not isinstance(text, str) or not text.strip():
             return ValueError(f"response has no text: {response.text[:300]!r}")
         usage = body.get("usage") if isinstance(body, dict) else None
@@ -518,7 +593,7 @@ class ReleaseTeacher:
 
     def __init__(self, spec: str, cfg: "RationalesConfig", device: str):
         if spec not in self.PAPER_TEACHERS:
-            raise SystemExit(f"teacher source release:{spec}: the release has {', '.join(self.PAPER_TEACHERS)}")
+            raise UserError(f"teacher source release:{spec}: the release has {', '.join(self.PAPER_TEACHERS)}")
         self.which, self.cfg = spec, cfg
         self.batch_size = 4096  # reading, not generating: few, large fsynced batches
         self.release: dict[str, tuple[dict[str, int], list[str]]] = {}
@@ -559,6 +634,9 @@ def teacher_kind(source: str) -> tuple[type, str]:
     kind, sep, spec = source.partition(":")
     if sep and kind in TEACHER_KINDS:
         return TEACHER_KINDS[kind], spec
+    if sep and re.fullmatch(r"[a-z][\w-]*", kind) and not Path(source).exists():  # hub ids have no ":"
+        raise UserError(f"--teachers: {source!r}: unknown teacher kind {kind!r}; the kinds are "
+                        f"{', '.join(k + ':' for k in TEACHER_KINDS)}, or a hub id / local folder")
     return LocalTeacher, source
 
 
@@ -566,23 +644,24 @@ def teacher_kind(source: str) -> tuple[type, str]:
 
 @dataclass
 class RationalesConfig:
-    dataset: str = "obqa"
+    """`python tinyllm.py rationales`: every teacher's rationales into CACHE (§3.2, Eq. 1)."""
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
-    data: str = "data"
-    cache: str = "cache"
+    data: str = "data"  # the datasets' folder (downloaded and checksummed on first use)
+    cache: str = "cache"  # the rationale cache: CACHE/<dataset>/<teacher>.jsonl
     limit: int = 0  # first N examples of each split (0 = all)
     splits: str = "train"  # comma-separated, of train, valid
     device: str = "auto"  # auto = cuda when available, else cpu
     k: int = 2  # in-context examples per prompt (0 = none)
     seed: int = 0  # picks the in-context examples (and seeds sampling)
     teacher_forcing: bool = True  # §3.2: the teacher sees the gold answer
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # the longest rationale, in tokens
     temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling when temperature > 0
     batch_size: int = 8  # prompts per forward pass of a local teacher
     concurrency: int = 8  # requests in flight to a server teacher
     timeout: float = 120.0  # seconds per server request
-    retries: int = 5  # further attempts on connection errors, timeouts, 429, 5xx
+    retries: int = 5  # further attempts on connection errors, timeouts, 429, 5xx, non-OpenAI answers
     backoff: float = 1.0  # seconds before the first retry, doubled at each
 
 
@@ -591,12 +670,12 @@ def parse_teachers(spec: str) -> list[tuple[str, str]]:
     for item in spec.split():
         name, sep, source = item.partition("=")
         if not sep or not source or not re.fullmatch(r"[\w.-]+", name):
-            raise SystemExit(f"--teachers: {item!r} is not name=source (name of letters, digits, _ . -)")
+            raise UserError(f"--teachers: {item!r} is not name=source (name of letters, digits, _ . -)")
         if name in dict(teachers):
-            raise SystemExit(f"--teachers: teacher name {name!r} given twice")
+            raise UserError(f"--teachers: teacher name {name!r} given twice")
         teachers.append((name, source))
     if not teachers:
-        raise SystemExit("--teachers: no teacher given (name=source ...)")
+        raise UserError("--teachers: no teacher given (name=source ...)")
     return teachers
 
 
@@ -604,43 +683,17 @@ def resolve_device(device: str) -> str:
     """--device: "auto" (or empty) is CUDA when there is one, else the CPU."""
     if device in ("", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError as e:  # torch's own list of device types
+        raise UserError(f"--device={device}: not a device ({e}); use auto, cpu or cuda (DEVICE= for make)") from e
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={device}: CUDA is not available on this machine")
+        raise UserError(f"--device={device}: CUDA is not available on this machine (DEVICE=cpu)")
     return device
 
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """`teacher: done/total, rationales/s, tokens/s, ETA`: rewritten in place on a terminal, a line
-    every few seconds in a log."""
-
-    def __init__(self, label: str, total: int):
-        self.label, self.total, self.done = label, total, 0
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int, tokens: int | None) -> None:
-        self.done += done
-        now = time.perf_counter()
-        if not self.tty and now - self.last < 5.0 and self.done < self.total:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        line = f"{self.label}: {self.done}/{self.total}  {rate:.2f} rationales/s"
-        if tokens is not None:
-            line += f"  {tokens / elapsed:.1f} tokens/s"
-        line += f"  ETA {format_seconds((self.total - self.done) / rate) if rate else '?'}"
-        print(("\r" + line) if self.tty else line, end="" if self.tty and self.done < self.total else "\n",
-              file=sys.stderr, flush=True)
 
 
 def summarize(name: str, cache: dict[tuple[str, str], dict], split: str, examples: list) -> tuple[str, int]:
@@ -702,12 +755,12 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
         return None
     try:
         teacher = teacher_cls(spec, cfg, device)
-    except ValueError as e:  # a model that is not there, or not one we read
-        raise SystemExit(f"--teachers: {name}={source}: {e}") from None
+    except UserError as e:  # a model that is not there, or not one we read: say which teacher
+        raise UserError(f"--teachers: {name}={source}: {e}") from e
     # longest prompts first: little padding per batch, and out-of-memory shows at once
     todo.sort(key=lambda job: -len(job.prompt))
     writer = CacheWriter(cache_file(cfg.cache, cfg.dataset, name, rank if world_size > 1 else None))
-    progress = Progress(name, len(todo))
+    progress = Progress(name, len(todo), unit="rationales")
     try:
         batch_size = getattr(teacher, "batch_size", cfg.batch_size)
         for batch, outputs in output_batches(teacher, todo, batch_size):
@@ -764,12 +817,13 @@ def make_record(name: str, source: str, settings: dict, job: Job, output: str | 
 def rationales(cfg: RationalesConfig) -> None:
     """Fill the cache with every teacher's rationales for the chosen splits, then print a summary."""
     if cfg.dataset not in data.DATASETS:
-        raise SystemExit(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
+        raise UserError(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)} (DATASET= for make)")
     splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]
     if not splits or any(s not in ("train", "valid") for s in splits):
-        raise SystemExit(f"--splits={cfg.splits}: rationales are made for train and/or valid")
-    if cfg.k < 0 or cfg.limit < 0 or cfg.batch_size < 1 or cfg.concurrency < 1 or cfg.retries < 0:
-        raise SystemExit("--k, --limit and --retries must be >= 0; --batch_size and --concurrency >= 1")
+        raise UserError(f"--splits={cfg.splits}: rationales are made for train and/or valid")
+    for key, least in (("k", 0), ("limit", 0), ("retries", 0), ("batch_size", 1), ("concurrency", 1)):
+        if getattr(cfg, key) < least:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be >= {least}")
     teachers = parse_teachers(cfg.teachers)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = resolve_device(cfg.device)
@@ -782,14 +836,17 @@ def rationales(cfg: RationalesConfig) -> None:
     examples = {split: data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None) for split in splits}
     # in-context examples come from the whole training set, so --limit does not change the prompts
     pool = data.load_split(cfg.dataset, "train", cfg.data)
-    stopped = [why for name, source in teachers
-               if (why := run_teacher(cfg, name, source, examples, pool, device, rank, world_size))]
+    # Ctrl-C: every batch already written is fsynced; the next run makes only what is missing
+    with interrupt_note(f"the rationales made so far are kept in {Path(cfg.cache) / cfg.dataset}/; the same "
+                        "command makes only the missing ones"):
+        stopped = [why for name, source in teachers
+                   if (why := run_teacher(cfg, name, source, examples, pool, device, rank, world_size))]
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if rank != 0:
         if stopped:
-            raise SystemExit("\n".join(stopped))
+            raise UserError("\n".join(stopped))
         return
     empty_teachers = []
     for name, source in teachers:
@@ -804,7 +861,7 @@ def rationales(cfg: RationalesConfig) -> None:
     print(f"cache: {cache_file(cfg.cache, cfg.dataset, '*')}", flush=True)
     if stopped or empty_teachers:
         kept = "; everything made so far is kept in the cache, rerun to continue" if stopped else ""
-        raise SystemExit("\n".join(stopped + empty_teachers) + kept)
+        raise UserError("\n".join(stopped + empty_teachers) + kept)
 
 
 # ---- experiments: the α sweep (§4.1, Fig. 3), training fractions (Fig. 2), ablations (Table 2) ----
@@ -847,13 +904,13 @@ def parse_numbers(text: str, what: str, allowed: typing.Callable[[float], bool],
         try:
             value = float(item)
         except ValueError:
-            raise SystemExit(f"{what}: {item!r} is not a number") from None
+            raise UserError(f"{what}: {item!r} is not a number") from None
         if math.isnan(value) or not allowed(value):
-            raise SystemExit(f"{what}: {item} is not {rule}")
+            raise UserError(f"{what}: {item} is not {rule}")
         if value not in values:
             values.append(value)
     if not values:
-        raise SystemExit(f"{what}: no value given")
+        raise UserError(f"{what}: no value given")
     return values
 
 
@@ -862,9 +919,9 @@ def parse_seeds(seeds: str) -> list[int | None]:
     try:
         values = [int(item) for item in re.split(r"[,\s]+", seeds.strip()) if item]
     except ValueError:
-        raise SystemExit(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\"") from None
+        raise UserError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\"") from None
     if len(set(values)) != len(values):
-        raise SystemExit(f"--seeds={seeds!r}: a seed appears twice")
+        raise UserError(f"--seeds={seeds!r}: a seed appears twice")
     return values or [None]
 
 
@@ -879,7 +936,7 @@ def with_flags(config: Config, args: str, what: str, fixed: set[str]) -> Config:
     keys = [token.removeprefix("--").partition("=")[0] for token in tokens]
     taken = sorted(set(keys) & fixed)
     if taken:
-        raise SystemExit(f"{what}: --{taken[0]} is set by the experiment itself ({', '.join(sorted(fixed))})")
+        raise UserError(f"{what}: --{taken[0]} is set by the experiment itself ({', '.join(sorted(fixed))})")
     return dataclasses.replace(config, **{key: getattr(parsed, key) for key in keys})
 
 
@@ -887,9 +944,9 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     import eval as evaluation  # eval and train import this module: lazily, inside the commands
 
     if cfg.dataset not in data.DATASETS:
-        raise SystemExit(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
+        raise UserError(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
     if cfg.metric not in evaluation.METRIC_NAMES:
-        raise SystemExit(f"--metric={cfg.metric!r}: expected one of {', '.join(evaluation.METRIC_NAMES)}")
+        raise UserError(f"--metric={cfg.metric!r}: expected one of {', '.join(evaluation.METRIC_NAMES)}")
     parse_seeds(cfg.seeds)
 
 
@@ -933,9 +990,9 @@ def train_and_evaluate(train_cfg, eval_cfg) -> None:
         resume = (run / "last" / "trainer_state.pt").is_file()
         try:
             train.train(dataclasses.replace(train_cfg, resume=int(resume)))
-        except SystemExit as e:
+        except SystemExit as e:  # a UserError of train.py: say which run
             hint = f"\n(this continued {run / 'last'}; delete {run} to start this run over)" if resume else ""
-            raise SystemExit(f"{run}: {e}{hint}") from None
+            raise UserError(f"{run}: {e}{hint}") from e
     evaluation.evaluate(eval_cfg)
 
 
@@ -945,8 +1002,12 @@ def run_rows(rows: list[list[tuple]]) -> None:
     todo = [run for run in runs if not finished(run)]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished already (kept), {len(todo)} to run", flush=True)
     for n, (train_cfg, eval_cfg) in enumerate(todo, 1):
-        print(f"--- run {n}/{len(todo)}: {train_cfg.out}", flush=True)
-        train_and_evaluate(train_cfg, eval_cfg)
+        print(f"--- run {n} of {len(todo)}: {train_cfg.out}", flush=True)
+        # Ctrl-C: finished runs keep their results.json and this one its last/: the same command goes on
+        with interrupt_note(f"{len(runs) - len(todo) + n - 1} of {len(runs)} runs are finished and kept, and "
+                            f"{train_cfg.out} keeps its last checkpoint if it saved one; the same command "
+                            "continues from there"):
+            train_and_evaluate(train_cfg, eval_cfg)
 
 
 def command_line(command: str, cfg) -> str:
@@ -980,13 +1041,13 @@ def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
     for item in cfg.sweep.split():
         name, sep, text = item.partition("=")
         if not sep or name not in names:
-            raise SystemExit(f"--sweep: {item!r} is not name=α,α,... for a teacher of --teachers ({' '.join(names)})")
+            raise UserError(f"--sweep: {item!r} is not name=α,α,... for a teacher of --teachers ({' '.join(names)})")
         if name in grid:
-            raise SystemExit(f"--sweep: teacher {name!r} given twice")
+            raise UserError(f"--sweep: teacher {name!r} given twice")
         grid[name] = values(text, f"--sweep {name}")
     missing = [name for name in names if name not in grid]
     if missing:
-        raise SystemExit(f"--sweep gives no α for {', '.join(missing)}: an explicit grid names every teacher")
+        raise UserError(f"--sweep gives no α for {', '.join(missing)}: an explicit grid names every teacher")
     return {name: grid[name] for name in names}
 
 
@@ -1006,7 +1067,7 @@ def sweep(cfg: SweepConfig) -> dict:
         rows.append(dict(alpha=alpha, alpha_flag=flag, folder=str(folder)))
         planned.append(plan_row(cfg, "sweep", folder, method="tinyllm", alpha=flag))
     if "valid" not in planned[0][0][1].splits:
-        raise SystemExit("sweep --eval_args: --splits must include valid, the split the sweep chooses on")
+        raise UserError("sweep --eval_args: --splits must include valid, the split the sweep chooses on")
     run_rows(planned)
     return evaluation.write_sweep(root, summary_of(cfg, "sweep", rows, grid=grid))
 
@@ -1026,10 +1087,10 @@ def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
     runs: list[tuple[str, str, str]] = []
     for method in methods.split():
         if method not in trained:
-            raise SystemExit(f"--methods: {method!r} is not one of {', '.join(trained)} (inference trains nothing)")
+            raise UserError(f"--methods: {method!r} is not one of {', '.join(trained)} (inference trains nothing)")
         runs += [(f"dss-{name}", "dss", name) for name in names] if method == "dss" else [(method, method, "")]
     if not runs or len({run for run, _, _ in runs}) != len(runs):
-        raise SystemExit(f"--methods={methods!r}: give each method once")
+        raise UserError(f"--methods={methods!r}: give each method once")
     return runs
 
 
@@ -1110,31 +1171,180 @@ def ablations(cfg: AblationsConfig) -> dict:
 
 
 # ---- command line -----------------------------------------------------------------------------
+# Every script (tinyllm.py, train.py, eval.py, tests/bench.py) reads its flags with parse_flags and
+# runs under run_main: one flag syntax, one --help, one way errors and Ctrl-C are reported.
 
-def parse_flags(config_cls: type, args: list[str]):
+GLOBAL_FLAGS = {"debug": "1: the traceback of expected errors too (or TINYLLM_DEBUG=1)",
+                "help": "this list"}
+
+
+def parse_bool(key: str, value: str) -> bool:
+    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise UserError(f"--{key}={value}: expected bool (1/0, true/false, yes/no)")
+    return value.lower() in ("1", "true", "yes")
+
+
+def source_fields(cls: type) -> tuple[str, dict[str, tuple[str, str]]]:
+    """(docstring, {field: (heading, comment)}) of one class body, from its source: the comment on a
+    field's line (continued on comment lines that start with "#  "), and a comment on a line of its own
+    as the heading of the fields below it."""
+    source = inspect.getsource(cls)
+    indent = len(source) - len(source.lstrip())
+    source = "\n".join(line[indent:] for line in source.splitlines())
+    comments = {token.start[0]: token.string
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+
+    def own_line(number: int) -> bool:
+        return number in comments and lines[number - 1].lstrip().startswith("#")
+
+    node = ast.parse(source).body[0]
+    assert isinstance(node, ast.ClassDef), cls
+    fields, heading = {}, ""
+    for statement in node.body:
+        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+            continue
+        above = statement.lineno - 1  # a heading comment sits on the line just above its first field
+        if own_line(above) and not comments[above].startswith("#  "):
+            heading = comments[above].lstrip("#").strip()
+        comment = [comments.get(statement.end_lineno, "")]
+        below = statement.end_lineno + 1
+        while own_line(below) and comments[below].startswith("#  "):
+            comment.append(comments[below])
+            below += 1
+        fields[statement.target.id] = (heading, " ".join(c.lstrip("#").strip() for c in comment).strip())
+    return ast.get_docstring(node) or "", fields
+
+
+def config_fields(config_cls: type) -> tuple[str, list[tuple[str, str, str, str, str]]]:
+    """(the class docstring, [(heading, name, type, default, comment)]) of a config dataclass, every
+    field in dataclasses.fields order, inherited ones included: what --help shows, read from the
+    source so that it says what the code says."""
+    described: dict[str, tuple[str, str]] = {}
+    for cls in reversed(config_cls.__mro__):  # a subclass's comment wins over its base's
+        if dataclasses.is_dataclass(cls):
+            described.update(source_fields(cls)[1])
+    types = typing.get_type_hints(config_cls)
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((*described[f.name][:1], f.name, types[f.name].__name__, str(default), described[f.name][1]))
+    return source_fields(config_cls)[0], rows
+
+
+def script_of(config_cls: type, command: str) -> str:
+    """How the user runs the script `config_cls` belongs to: `tinyllm.py rationales`, `train.py`, ..."""
+    module = config_cls.__module__
+    script = sys.argv[0] if module == "__main__" else f"{module}.py"
+    return f"{script} {command}" if command else script
+
+
+def flags_help(config_cls: type, command: str = "") -> str:
+    doc, rows = config_fields(config_cls)
+    if not doc:  # a config without a docstring: the script's own one-line summary
+        module_doc = sys.modules[config_cls.__module__].__doc__ or ""
+        doc = module_doc.strip().split("\n\n")[0].replace("\n", " ")
+    shown = [(heading, f"--{name}={shell_quote(default)}", kind, comment) for heading, name, kind, default, comment in rows]
+    shown += [("every script", f"--{name}" + ("=0" if name == "debug" else ""), "bool" if name == "debug" else "",
+               comment) for name, comment in GLOBAL_FLAGS.items()]
+    width = min(max(len(flag) for _, flag, _, _ in shown), 36)
+    lines = [f"usage: python {script_of(config_cls, command)} [--key=value ...]", doc, "",
+             "flags (type, then what it is; --key= with no value keeps the default):"]
+    previous = ""
+    for heading, flag, kind, comment in shown:
+        if heading != previous:
+            lines.append(f" {heading}:")
+            previous = heading
+        lines.append(f"  {flag:<{width}}  {kind:<5}  {comment}".rstrip())
+    return "\n".join(lines)
+
+
+def shell_quote(value: str) -> str:
+    return f'"{value}"' if not value or " " in value else value
+
+
+def parse_flags(config_cls: type, args: list[str], command: str = ""):
     """`--key=value` overrides of a config dataclass, converted to and checked against its field
-    types. An empty value keeps the default (the Makefile passes unset variables as empty)."""
+    types. An empty value keeps the default (the Makefile passes unset variables as empty). --help
+    prints every field from the dataclass source and exits; --debug is run_main's."""
+    if any(arg in ("--help", "-h", "help") for arg in args):
+        print(flags_help(config_cls, command))
+        raise SystemExit(0)
     types = typing.get_type_hints(config_cls)
     values = {}
     for arg in args:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep:
-            raise SystemExit(f"argument {arg!r}: flags are --key=value")
+            raise UserError(f"argument {arg!r}: flags are --key=value (--help lists them)")
+        if key == "debug":  # read by run_main before the script starts; checked here like any flag
+            parse_bool(key, value or "0")
+            continue
         if key not in types:
-            raise SystemExit(f"unknown flag --{key} (flags: {', '.join('--' + k for k in types)})")
+            close = difflib.get_close_matches(key, types, n=1)
+            raise UserError(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
+                            + f"; `python {script_of(config_cls, command)} --help` lists every flag")
         if value == "":
             continue
         kind = types[key]
+        if kind is bool:
+            values[key] = parse_bool(key, value)
+            continue
         try:
-            if kind is bool:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                values[key] = value.lower() in ("1", "true", "yes")
-            else:
-                values[key] = kind(value)
+            values[key] = kind(value)
         except ValueError:
-            raise SystemExit(f"--{key}={value}: expected {kind.__name__}") from None
+            raise UserError(f"--{key}={value}: expected {kind.__name__}") from None
     return config_cls(**values)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    flags = [arg.partition("=")[2] for arg in argv if arg.startswith("--debug=")]
+    value = flags[-1] if flags else os.environ.get("TINYLLM_DEBUG", "0")
+    return value.lower() in ("1", "true", "yes")
+
+
+def expected_failure(error: BaseException, memory_hint: str) -> str | None:
+    """The message of an expected failure, None for a bug. Expected: a UserError (or any
+    SystemExit with a message, Python's idiom for the same), running out of memory, a full disk."""
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, str) else None
+    text = str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(error, RuntimeError) and "can't allocate memory" in text):  # the CPU allocator's words
+        asked = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
+        size = (data.format_bytes(int(asked.group(1))) if asked.group(1).isdigit() else asked.group(1)) if asked else ""
+        return f"out of memory{f' (tried to allocate {size})' if size else ''}: {memory_hint}"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {error.filename}" if error.filename else ""
+        return (f"no space left on the disk{where}: free some space, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) "
+                "at a disk with room; files written completely are kept, no partial one is left")
+    return None
+
+
+def run_main(main: Callable[[list[str]], object], memory_hint: str) -> None:
+    """Run a script's main(argv) as its `if __name__ == "__main__":` line: an expected failure
+    (expected_failure) prints one `error: ...` block and exits 1, with the traceback first under
+    --debug=1 / TINYLLM_DEBUG=1; Ctrl-C prints one line saying what was kept (interrupt_note) and
+    exits 130 (128 + SIGINT, as a shell reports it); a bug keeps Python's traceback. `memory_hint`
+    names the flags that lower the memory this script needs."""
+    argv = sys.argv[1:]
+    debug = debug_requested(argv)
+    try:
+        main(argv)
+    except KeyboardInterrupt as interrupt:
+        Progress.end_line()
+        if debug:
+            traceback.print_exc()
+        print(f"interrupted: {getattr(interrupt, 'kept', 'nothing was in progress')}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except BaseException as error:
+        Progress.end_line()
+        message = expected_failure(error, memory_hint)
+        if message is None:
+            raise  # a bug (or a plain exit): Python prints the traceback
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 COMMANDS = {"rationales": (RationalesConfig, rationales), "sweep": (SweepConfig, sweep),
@@ -1144,10 +1354,17 @@ COMMANDS = {"rationales": (RationalesConfig, rationales), "sweep": (SweepConfig,
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python tinyllm.py {'|'.join(COMMANDS)} --key=value ...")
+        if argv and argv[0] in ("--help", "-h", "help"):
+            print(f"usage: python {sys.argv[0]} COMMAND [--key=value ...]; COMMAND --help lists its flags\n")
+            print("\n".join(f"  {name:<12} {(command.__doc__ or '').strip().splitlines()[0]}"
+                            for name, (_, command) in COMMANDS.items()))
+            return
+        unknown = f"unknown command {argv[0]!r}; " if argv else ""
+        raise UserError(f"{unknown}usage: python tinyllm.py {'|'.join(COMMANDS)} --key=value ... (--help)")
     config_cls, command = COMMANDS[argv[0]]
-    command(parse_flags(config_cls, argv[1:]))
+    command(parse_flags(config_cls, argv[1:], argv[0]))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "lower --batch_size (rationales: prompts per forward pass of a local teacher; the "
+                   "experiments: in --train_args / --eval_args) or --max_new_tokens")
