@@ -20,7 +20,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 import typing
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 import data
-from tinyllm import format_seconds, number, parse_flags, resolve_device
+from tinyllm import Progress, UserError, format_seconds, interrupt_note, number, parse_flags, resolve_device, run_main
 from train import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 
@@ -67,11 +66,15 @@ class TableConfig:
 def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no temp file left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 METRICS = {"accuracy_generate": "correct_generate", "accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm"}
@@ -89,11 +92,11 @@ def split_results(records: list[dict], scorings: list[str]) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.model or not cfg.out:
-        raise SystemExit("eval.py needs --model (hub id or folder) and --out (the run folder for results)")
+        raise UserError("eval.py needs --model (hub id or folder) and --out (the run folder for results)")
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     for split in splits:
         if split not in data.SPLITS:
-            raise SystemExit(f"--splits: unknown split {split!r} (splits: {', '.join(data.SPLITS)})")
+            raise UserError(f"--splits: unknown split {split!r} (splits: {', '.join(data.SPLITS)})")
     device = torch.device(resolve_device(cfg.device))
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
@@ -106,7 +109,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     start = time.perf_counter()
     for split in splits:
         examples = data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None)
-        records = predict(student, examples, cfg.scoring, cfg.batch_size, cfg.max_input_tokens, cfg.max_new_tokens)
+        progress = Progress(f"{cfg.dataset} {split}", len(examples), unit="examples")
+        records = predict(student, examples, cfg.scoring, cfg.batch_size, cfg.max_input_tokens, cfg.max_new_tokens,
+                          progress=progress.update)
         results[split] = split_results(records, scorings)
         lines += [json.dumps({"split": split, **record}) for record in records]
         print(f"{cfg.dataset} {split}: " + ", ".join(f"{metric} {value:.4f}" for metric, value in results[split].items()
@@ -179,7 +184,7 @@ def load_run(folder: Path) -> Run | None:
         results = json.loads(path.read_text())
         results["test"]["accuracy"]
     except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{path}: not an eval.py results file ({e!r}); run `make eval` again") from None
+        raise UserError(f"{path}: not an eval.py results file ({e!r}); run `make eval` again") from None
     return Run(folder.name, results.get("method") or folder.name, results, folder)
 
 
@@ -258,8 +263,8 @@ def paired_line(ours: Run, base: Run, metric: str, resamples: int, seed: int) ->
         return f"{label} no {' or '.join(missing)}: run `make eval` | | | |"
     a, b = correct_by_id(ours, metric), correct_by_id(base, metric)
     if a.keys() != b.keys() or not a:
-        raise SystemExit(f"{ours.folder} and {base.folder}: predictions of different test questions ({len(a)} vs "
-                         f"{len(b)}): evaluate both with the same --limit")
+        raise UserError(f"{ours.folder} and {base.folder}: predictions of different test questions ({len(a)} vs "
+                        f"{len(b)}): evaluate both with the same --limit")
     ids = sorted(a)
     diff, low, high = paired_bootstrap([a[i] for i in ids], [b[i] for i in ids], resamples, seed)
     p, only_ours, only_base = mcnemar_exact([a[i] for i in ids], [b[i] for i in ids])
@@ -277,11 +282,11 @@ def table(cfg: TableConfig) -> str:
     metrics = [m.strip() for m in cfg.metric.split(",") if m.strip()]
     for metric in metrics:
         if metric not in METRIC_NAMES:
-            raise SystemExit(f"--metric={metric!r}: expected one of {', '.join(METRIC_NAMES)} (comma-separated)")
+            raise UserError(f"--metric={metric!r}: expected one of {', '.join(METRIC_NAMES)} (comma-separated)")
     rows = read_results(Path(cfg.out), cfg.dataset)
     if not rows:
-        raise SystemExit(f"no results in {Path(cfg.out) / cfg.dataset}/*/results.json: run `make table` or "
-                         "`make train eval METHOD=...` first")
+        raise UserError(f"no results in {Path(cfg.out) / cfg.dataset}/*/results.json: run `make table` or "
+                        "`make train eval METHOD=...` first")
     timed = any(run.seconds() is not None for run in rows)
 
     def cell(run: Run, metric: str) -> str:
@@ -357,7 +362,7 @@ def scored(rows: list[dict], metric: str) -> list[dict]:
             continue
         run = load_run(Path(row["folder"]))
         if run is None:
-            raise SystemExit(f"{row['folder']}: no results.json: that run has not finished")
+            raise UserError(f"{row['folder']}: no results.json: that run has not finished")
         for split in ("valid", "test"):
             row[split], row[f"{split}_std"] = run.score(metric, split), run.spread(metric, split)
         row["runs"] = len(run.seed_runs) or 1
@@ -386,8 +391,8 @@ def write_sweep(root: Path, summary: dict) -> dict:
     rows = scored(summary["rows"], summary["metric"])
     unscored = [row["folder"] for row in rows if row["valid"] is None]
     if unscored:
-        raise SystemExit(f"no valid {summary['metric']} in {unscored[0]}/results.json: the sweep chooses on valid "
-                         "(evaluate with --splits=test,valid)")
+        raise UserError(f"no valid {summary['metric']} in {unscored[0]}/results.json: the sweep chooses on valid "
+                        "(evaluate with --splits=test,valid)")
     best = max(rows, key=lambda row: row["valid"])  # ties: the first in grid order
     summary["best"] = {key: best[key] for key in ("alpha", "alpha_flag", "folder", "valid", "valid_std", "test",
                                                   "test_std")}
@@ -601,7 +606,7 @@ def report(cfg: ReportConfig) -> Path:
     are drawn from the JSON summaries, and every run's training curves from its metrics.jsonl."""
     root = Path(cfg.out) / cfg.dataset
     if not root.is_dir():
-        raise SystemExit(f"{root}: nothing to report; run `make table`, `make sweep`, ... first")
+        raise UserError(f"{root}: nothing to report; run `make table`, `make sweep`, ... first")
     if not (root / "table.md").is_file() and read_results(Path(cfg.out), cfg.dataset):
         table_cfg = TableConfig(dataset=cfg.dataset, out=cfg.out)  # runs from `make train eval`: their table
         write_table(table_cfg, table(table_cfg))
@@ -648,13 +653,16 @@ def report(cfg: ReportConfig) -> Path:
 
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "table":
-        cfg = parse_flags(TableConfig, argv[1:])
+        cfg = parse_flags(TableConfig, argv[1:], "table")
         write_table(cfg, table(cfg))
     elif argv and argv[0] == "report":
-        report(parse_flags(ReportConfig, argv[1:]))
+        report(parse_flags(ReportConfig, argv[1:], "report"))
     else:
-        evaluate(parse_flags(EvalConfig, argv))
+        # results.json and predictions.jsonl are written whole at the end (write_atomic)
+        with interrupt_note("no result of this evaluation was written (they are written at the end); "
+                            "rerun the same command"):
+            evaluate(parse_flags(EvalConfig, argv))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, "lower --batch_size (ARGS=--batch_size=8), or --max_new_tokens / --max_input_tokens")

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ import llama
 import prompts
 import t5
 import tinyllm
-from tinyllm import format_seconds, fsync_path, parse_flags
+from tinyllm import UserError, format_seconds, fsync_path, interrupt_note, parse_flags, run_main
 
 METHODS = ("tinyllm", "finetune", "kd", "dss", "lora", "inference")
 ANSWER_TASK = "answer"
@@ -55,7 +54,7 @@ ANSWER_TASK = "answer"
 class TrainConfig:
     dataset: str = "obqa"
     student: str = "google/flan-t5-small"  # hub id or folder: T5 (seq2seq) or LLaMA-family (decoder-only)
-    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # only the names are used here
+    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # names pick the cache files; sources must match theirs
     alpha: str = ""  # "name=weight ..." for Eq. 2; default 1 for every teacher
     method: str = "tinyllm"
     teacher: str = ""  # the one teacher of dss / kd; default the first of --teachers
@@ -96,10 +95,10 @@ class TrainConfig:
 
 
 def teacher_names(teachers: str) -> list[str]:
-    """"a=src b=src" (or bare names) -> ["a", "b"]: train needs the names only, the cache has the text."""
+    """"a=src b=src" (or bare names) -> ["a", "b"]: the cache has the text (read_cache checks a given source)."""
     names = [spec.split("=", 1)[0] for spec in teachers.split()]
     if len(set(names)) != len(names):
-        raise SystemExit(f"--teachers={teachers!r}: a teacher name appears twice")
+        raise UserError(f"--teachers={teachers!r}: a teacher name appears twice")
     return names
 
 
@@ -109,11 +108,11 @@ def parse_alpha(alpha: str, names: list[str]) -> dict[str, float]:
     for spec in alpha.split():
         name, sep, value = spec.partition("=")
         if not sep or name not in weights:
-            raise SystemExit(f"--alpha: {spec!r} is not name=weight for a teacher in --teachers ({' '.join(names)})")
+            raise UserError(f"--alpha: {spec!r} is not name=weight for a teacher in --teachers ({' '.join(names)})")
         try:
             weights[name] = float(value)
         except ValueError:
-            raise SystemExit(f"--alpha: weight {value!r} of {name} is not a number") from None
+            raise UserError(f"--alpha: weight {value!r} of {name} is not a number") from None
     return weights
 
 
@@ -455,8 +454,8 @@ class DecoderOnlyStudent(Student):
     def prompt_limit(self, limit: int, reserve: int) -> int:
         positions = self.module.config.max_position_embeddings
         if positions - reserve <= 0:
-            raise SystemExit(f"the student has {positions} positions: no room for a prompt before {reserve} "
-                             "target tokens (lower --max_target_tokens / --max_new_tokens)")
+            raise UserError(f"the student has {positions} positions: no room for a prompt before {reserve} "
+                            "target tokens (lower --max_target_tokens / --max_new_tokens)")
         return min(limit, positions - reserve)
 
     def boundary(self, task: str) -> str:
@@ -546,8 +545,8 @@ def student_format(source: Path, tokenizer, chat: int, boundary: int) -> tuple[b
     chat_ = bool(chat) if chat in (0, 1) else saved.get("chat", DEFAULT_CHAT and tokenizer.chat_template is not None)
     boundary_ = bool(boundary) if boundary in (0, 1) else saved.get("boundary", True)
     if chat_ and tokenizer.chat_template is None:
-        raise SystemExit(f"--chat=1: the student {source} has no chat template (tokenizer_config.json "
-                         "'chat_template' or chat_template.jinja)")
+        raise UserError(f"--chat=1: the student {source} has no chat template (tokenizer_config.json "
+                        "'chat_template' or chat_template.jinja)")
     return chat_, boundary_
 
 
@@ -559,13 +558,13 @@ def load_student(source: str, device: torch.device, bf16: bool = True, dtype: to
     model, tokenizer, kind = tinyllm.load_model(source, dtype=dtype, device=str(device))
     if kind == "t5":
         if chat == 1 or boundary == 1:
-            raise SystemExit(f"{source}: --chat and --boundary are for decoder-only students; a T5 student "
-                             "reads the paper's format")
+            raise UserError(f"{source}: --chat and --boundary are for decoder-only students; a T5 student "
+                            "reads the paper's format")
         return Seq2SeqStudent(model, tokenizer, device, bf16)
     if kind == "llama":
         chat_, boundary_ = student_format(tinyllm.resolve_model(source), tokenizer, chat, boundary)
         return DecoderOnlyStudent(model, tokenizer, device, bf16, chat_, boundary_)
-    raise SystemExit(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
+    raise UserError(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -577,7 +576,7 @@ SCORINGS = ("generate", "rank")
 def parse_scoring(scoring: str) -> list[str]:
     chosen = [s.strip() for s in scoring.split(",") if s.strip()]
     if not chosen or any(s not in SCORINGS for s in chosen) or len(set(chosen)) != len(chosen):
-        raise SystemExit(f"--scoring={scoring!r}: expected generate or rank, or both (generate,rank)")
+        raise UserError(f"--scoring={scoring!r}: expected generate or rank, or both (generate,rank)")
     return chosen
 
 
@@ -647,13 +646,14 @@ def usable_rationale(record: dict | None) -> str | None:
 
 def read_cache(cfg: TrainConfig, teacher: str) -> dict[str, dict]:
     path = Path(cfg.cache) / cfg.dataset / f"{teacher}.jsonl"
+    sources = dict(spec.split("=", 1) for spec in cfg.teachers.split() if "=" in spec)  # bare names: unchecked
     try:
-        records = tinyllm.load_rationales(cfg.cache, cfg.dataset, teacher, split="train")
+        records = tinyllm.load_rationales(cfg.cache, cfg.dataset, teacher, split="train", source=sources.get(teacher))
     except FileNotFoundError:
         records = {}
     if not records:
-        raise SystemExit(f"no train rationales of teacher {teacher!r} in {path}: run `make rationales` "
-                         f"(DATASET={cfg.dataset} TEACHERS=...) first, or fix --teachers/--cache")
+        raise UserError(f"no train rationales of teacher {teacher!r} in {path}: run `make rationales` "
+                        f"(DATASET={cfg.dataset} TEACHERS=...) first, or fix --teachers/--cache")
     return records
 
 
@@ -663,7 +663,7 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
     alpha = parse_alpha(cfg.alpha, names)
     teacher = cfg.teacher or (names[0] if names else "")
     if cfg.method in ("dss", "kd") and teacher not in names:
-        raise SystemExit(f"--teacher={teacher!r} is not one of --teachers ({' '.join(names) or 'none'})")
+        raise UserError(f"--teacher={teacher!r} is not one of --teachers ({' '.join(names) or 'none'})")
     answer = {ex.id: prompts.answer_target(ex) for ex in examples}
     if cfg.method == "kd":
         # Standard KD on the answer: the target is the option the teacher stated in its rationale; where
@@ -680,10 +680,15 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
     tasks = [Task(ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0, answer)]
     rationale_teachers = {"tinyllm": names, "dss": [teacher]}.get(cfg.method, [])
     if cfg.method == "tinyllm" and not names:
-        raise SystemExit("--method=tinyllm needs at least one teacher in --teachers")
+        raise UserError("--method=tinyllm needs at least one teacher in --teachers")
     for name in rationale_teachers:
         records = read_cache(cfg, name)
         targets = {ex.id: text for ex in examples if (text := usable_rationale(records.get(ex.id)))}
+        if not any(ex.id in records for ex in examples):  # the cache was made for other examples (another LIMIT)
+            raise UserError(f"{name}: none of the {len(examples)} train examples"
+                            f"{f' (--limit={cfg.limit})' if cfg.limit else ''} has a rationale in "
+                            f"{Path(cfg.cache) / cfg.dataset / (name + '.jsonl')} ({len(records)} records, none for "
+                            "these): run `make rationales` with the same DATASET and LIMIT first")
         log(f"{name}: rationales for {len(targets)}/{len(examples)} train examples "
             f"(missing or degenerate ones are left out of L_{name}), α = {alpha[name]:g}")
         tasks.append(Task(name, prompts.teacher_prefix(name), alpha[name], targets))
@@ -782,7 +787,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> int:
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if name in LORA_TARGETS and isinstance(child, nn.Linear)]
     if not targets:
-        raise SystemExit(f"--method=lora: no attention projection named {' / '.join(LORA_TARGETS)} in the student")
+        raise UserError(f"--method=lora: no attention projection named {' / '.join(LORA_TARGETS)} in the student")
     for parent, name in targets:
         setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
     return len(targets)
@@ -811,8 +816,8 @@ def load_adapters(model: nn.Module, adapters: dict[str, Tensor]) -> None:
     """Restore exactly the adapters adapter_state saved: the same keys and shapes, nothing else."""
     params = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     if params.keys() != adapters.keys():
-        raise SystemExit(f"LoRA adapters in the checkpoint do not fit the student: missing "
-                         f"{sorted(params.keys() - adapters.keys())[:5]}, unexpected {sorted(adapters.keys() - params.keys())[:5]}")
+        raise UserError(f"LoRA adapters in the checkpoint do not fit the student: missing "
+                        f"{sorted(params.keys() - adapters.keys())[:5]}, unexpected {sorted(adapters.keys() - params.keys())[:5]}")
     with torch.no_grad():
         for key, value in adapters.items():
             assert params[key].shape == value.shape, (key, params[key].shape, value.shape)
@@ -842,18 +847,24 @@ def save_checkpoint(student: Student, folder: Path, trainer_state: dict | None =
     """Write into a temp folder beside `folder`, fsync, then rename over it: a crash leaves the old one."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    student.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            fsync_path(path)
-    fsync_path(tmp)
     old = None
-    if folder.exists():  # a folder cannot be renamed onto a non-empty one: move the old one aside first
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-    os.replace(tmp, folder)
+    try:
+        student.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                fsync_path(path)
+        fsync_path(tmp)
+        if folder.exists():  # a folder cannot be renamed onto a non-empty one: move the old one aside first
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:  # Ctrl-C or a full disk mid-save: the previous checkpoint stays, no temp folder
+        if old is not None and not folder.exists():
+            os.replace(old, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_path(folder.parent)
     if old is not None:
         shutil.rmtree(old)
@@ -917,14 +928,14 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device = setup_distributed(cfg.device)
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     if cfg.method not in METHODS:
-        raise SystemExit(f"--method={cfg.method!r}: expected one of {', '.join(METHODS)}")
-    run = Path(cfg.out or f"out/{cfg.dataset}/{cfg.method}")
+        raise UserError(f"--method={cfg.method!r}: expected one of {', '.join(METHODS)}")
+    run = run_folder(cfg)
     if cfg.method == "inference":
         log(f"--method=inference trains nothing: `make eval METHOD=inference` evaluates {cfg.student} as is")
         return run
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise SystemExit(f"--batch_size={cfg.batch_size} must be a multiple of processes x --grad_accum "
-                         f"= {world} x {cfg.grad_accum}")
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of processes x --grad_accum "
+                        f"= {world} x {cfg.grad_accum}")
     torch.manual_seed(cfg.seed)
 
     limit = cfg.limit or None  # never the test split while training: best is chosen on valid
@@ -940,7 +951,7 @@ def train(cfg: TrainConfig) -> Path:
     resume_state = None
     if cfg.resume:
         if not state_path.exists():
-            raise SystemExit(f"--resume=1 but {state_path} does not exist: nothing to resume (RESUME=0 starts over)")
+            raise UserError(f"--resume=1 but {state_path} does not exist: nothing to resume (RESUME=0 starts over)")
         resume_state = torch.load(state_path, map_location="cpu", weights_only=True)
         check_resumable(cfg, resume_state["config"])
     # A LoRA run's last/ holds merged weights: resume from the frozen base plus the saved adapters.
@@ -1009,9 +1020,9 @@ def train(cfg: TrainConfig) -> Path:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         except torch.OutOfMemoryError:
-            raise SystemExit(f"out of {device.type} memory at step {step} (batch {cfg.batch_size}, grad_accum "
-                             f"{cfg.grad_accum}): try a smaller --batch_size with --grad_accum (e.g. "
-                             f"ARGS=\"--grad_accum={2 * cfg.grad_accum}\") or a shorter --max_input_tokens") from None
+            raise UserError(f"out of {device.type} memory at step {step} (batch {cfg.batch_size}, grad_accum "
+                            f"{cfg.grad_accum}): try a smaller --batch_size with --grad_accum (e.g. "
+                            f"ARGS=\"--grad_accum={2 * cfg.grad_accum}\") or a shorter --max_input_tokens") from None
         progress.step, progress.tokens = step, progress.tokens + tokens
 
         stop = step == total or step == cfg.stop_at
@@ -1048,8 +1059,8 @@ def maybe_log(step_losses: Tensor, progress: Progress, tasks: list[Task], total:
     for i, row in enumerate(losses):
         bad = [task.name for task, value in zip(tasks, row.tolist()) if not math.isfinite(value)]
         if bad:
-            raise SystemExit(f"non-finite loss at step {progress.logged_step + i + 1} in task {bad[0]} "
-                             f"({', '.join(bad)}): lower --lr, check the data, or try --bf16=0")
+            raise UserError(f"non-finite loss at step {progress.logged_step + i + 1} in task {bad[0]} "
+                            f"({', '.join(bad)}): lower --lr, check the data, or try --bf16=0")
     now = time.perf_counter()
     mean = losses.mean(dim=0).tolist()
     lr = progress.lr
@@ -1105,8 +1116,8 @@ RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha",
 def check_resumable(cfg: TrainConfig, saved: dict) -> None:
     changed = [f"--{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIELDS if saved.get(k) != getattr(cfg, k)]
     if changed:
-        raise SystemExit("--resume=1 with a different run configuration: " + "; ".join(changed)
-                         + " (keep the flags of the interrupted run, or RESUME=0 to start over)")
+        raise UserError("--resume=1 with a different run configuration: " + "; ".join(changed)
+                        + " (keep the flags of the interrupted run, or RESUME=0 to start over)")
 
 
 def trim_metrics(metrics: Path, step: int) -> None:
@@ -1117,14 +1128,29 @@ def trim_metrics(metrics: Path, step: int) -> None:
     metrics.write_text("".join(line + "\n" for line in keep))
 
 
+def run_folder(cfg: TrainConfig) -> Path:
+    return Path(cfg.out or f"out/{cfg.dataset}/{cfg.method}")
+
+
+def interrupted(cfg: TrainConfig) -> str:
+    """What Ctrl-C leaves: checkpoints are written whole (save_checkpoint), so RUN/last is the last save."""
+    state = run_folder(cfg) / "last" / "trainer_state.pt"
+    if not state.is_file():
+        return "no checkpoint was saved yet (the first one at the first evaluation or --save_every steps)"
+    step = torch.load(state, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return f"the last checkpoint {state.parent} (step {step}) is kept: RESUME=1 (--resume=1) continues from it"
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_flags(TrainConfig, argv)
     try:
-        train(cfg)
+        with interrupt_note(lambda: interrupted(cfg)):
+            train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, "lower --batch_size with a larger --grad_accum (ARGS=\"--batch_size=4 --grad_accum=2\"), "
+                   "--eval_batch_size, or --max_input_tokens / --max_target_tokens")

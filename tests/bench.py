@@ -82,7 +82,7 @@ import prompts  # noqa: E402
 import t5  # noqa: E402
 import tinyllm  # noqa: E402
 import train  # noqa: E402
-from tinyllm import parse_flags  # noqa: E402
+from tinyllm import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
 
 
 @dataclass
@@ -897,9 +897,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 def main(argv: list[str]) -> list[dict]:
     cfg = parse_flags(BenchConfig, argv)
     if cfg.device not in ("auto", "cpu", "cuda"):
-        raise SystemExit(f"bench.py: --device={cfg.device!r}: expected auto, cpu or cuda")
+        raise UserError(f"bench.py: --device={cfg.device!r}: expected auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device=cuda but torch sees no CUDA device")
+        raise UserError("bench.py: --device=cuda but torch sees no CUDA device")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if cfg.threads or cfg.quick:
@@ -922,6 +922,7 @@ def main(argv: list[str]) -> list[dict]:
     plans = [p for p in make_plan(cfg, device) if not cfg.only or cfg.only in p.name]
     budget = cfg.budget_s if cfg.budget_s >= 0 else (1200 if device.type == "cpu" and not (cfg.full or cfg.quick) else 0)
     for i, plan in enumerate(plans):
+        print(f"[case {i + 1} of {len(plans)}] {plan.name}", flush=True)
         case_start = time.perf_counter()
         case_budget = max(budget - (case_start - start), 1.0) / (len(plans) - i) if budget else 0.0
         try:
@@ -955,5 +956,11 @@ def main(argv: list[str]) -> list[dict]:
     return entries
 
 
+def command_line(argv: list[str]) -> None:
+    # OUT/bench.json is written whole at the end: an interrupted run leaves none
+    with interrupt_note("no bench result was written (OUT/bench.json is written at the end)"):
+        main(argv)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(command_line, "the shapes are the issue's and fixed: --quick=1 runs tiny ones, --only=NAME one case")
