@@ -128,16 +128,25 @@ eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=
 	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
 	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) $(ARGS) $(EVAL_ARGS)
 
-# Inference decodes greedily, with no seed: it runs once whatever SEEDS says.
+# Inference decodes greedily, with no seed: it runs once whatever SEEDS says. One shell for both loops, so
+# that each run can say "table: run k of n".
+TABLE_RUNS = $(words $(filter inference,$(TABLE_METHODS)) \
+  $(foreach s,$(SEED_LOOP),$(filter-out inference,$(TABLE_METHODS)) $(TEACHER_NAMES)))
+
 table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEEDS), print Table 1 (OUT/DATASET/table.md)
-	@for m in $(TABLE_METHODS); do \
-	  if [ $$m = inference ]; then $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; continue; fi; \
+	@k=0; for m in $(TABLE_METHODS); do \
+	  if [ $$m = inference ]; then \
+	    k=$$((k + 1)); echo "table: run $$k of $(TABLE_RUNS): METHOD=$$m"; \
+	    $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; continue; \
+	  fi; \
 	  for s in $(SEED_LOOP); do \
+	    k=$$((k + 1)); echo "table: run $$k of $(TABLE_RUNS): METHOD=$$m$${s:+ SEED=$$s}"; \
 	    $(MAKE) --no-print-directory train METHOD=$$m SEED=$$s && \
 	    $(MAKE) --no-print-directory eval METHOD=$$m SEED=$$s || exit 1; \
 	  done; \
-	done
-	@for t in $(TEACHER_NAMES); do for s in $(SEED_LOOP); do \
+	done; \
+	for t in $(TEACHER_NAMES); do for s in $(SEED_LOOP); do \
+	  k=$$((k + 1)); echo "table: run $$k of $(TABLE_RUNS): METHOD=dss TEACHER=$$t$${s:+ SEED=$$s}"; \
 	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t SEED=$$s && \
 	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t SEED=$$s || exit 1; \
 	done; done

@@ -61,6 +61,16 @@ def test_make_help_lists_targets_and_variables_with_defaults():
     assert "DATASET=obqa" in out and "STUDENT=google/flan-t5-small" in out and "LIMIT=0" in out
 
 
+def test_make_table_says_run_k_of_n():
+    """`make -n` runs the recipe's shell loop (it calls $(MAKE)) but each train/eval only as a dry run."""
+    out = subprocess.run(["make", "-n", "--no-print-directory", "table", "TABLE_METHODS=inference finetune",
+                          "TEACHERS=a=release:flan-t5-xl b=release:llama-2"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    runs = [line for line in out.splitlines() if line.startswith("table: run ")]
+    assert runs == ["table: run 1 of 4: METHOD=inference", "table: run 2 of 4: METHOD=finetune",
+                    "table: run 3 of 4: METHOD=dss TEACHER=a", "table: run 4 of 4: METHOD=dss TEACHER=b"]
+
+
 def test_makefile_never_installs_a_bare_cuda_torch_without_a_gpu():
     dry = subprocess.run(["make", "-n", "-B", ".stamps/torch"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
