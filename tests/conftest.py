@@ -73,28 +73,37 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def start_server(root: str | Path) -> http.server.ThreadingHTTPServer:
+    """A loopback HTTP server over a folder: `server.url` is `http://127.0.0.1:PORT`, `server.hooks`
+    maps a path to a handler function, `server.requests` records the paths asked for. stop_server()
+    ends it (the serve_folder fixture does that for you)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.root = str(root)
+    server.hooks = {}
+    server.requests = []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_server(server: http.server.ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture
 def serve_folder():
-    """Start a loopback HTTP server over a folder: `server = serve_folder(root)`; `server.url` is
-    `http://127.0.0.1:PORT`, `server.hooks` maps a path to a handler function, `server.requests`
-    records the paths asked for. Servers stop when the test ends."""
+    """`server = serve_folder(root)`: start_server's server, stopped when the test ends."""
     servers = []
 
     def start(root: str | Path) -> http.server.ThreadingHTTPServer:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.daemon_threads = True
-        server.root = str(root)
-        server.hooks = {}
-        server.requests = []
-        server.url = f"http://127.0.0.1:{server.server_address[1]}"
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
+        servers.append(start_server(root))
+        return servers[-1]
 
     yield start
     for server in servers:
-        server.shutdown()
-        server.server_close()
+        stop_server(server)
 
 
 def make_tiny_t5(folder: Path, spiece: Path, **overrides) -> Path:
