@@ -128,7 +128,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Table 1: Inference, Fine-tune, KD, DSS-<teacher>..., TinyLLM, then Δ_FF and Δ_Distill
 
-ROW_NAMES = {"teacher": "Teacher", "inference": "Inference", "finetune": "Fine-tune", "lora": "LoRA",
+ROW_NAMES = {"teacher": "Teacher", "inference": "Inference", "lora": "LoRA", "finetune": "Fine-tune",
              "kd": "KD", "dss": "DSS", "tinyllm": "TinyLLM"}
 DISTILLATION = ("kd", "dss")  # the distillation baselines Δ_Distill compares with
 
