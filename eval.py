@@ -20,7 +20,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 import typing
 import urllib.parse
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 
 import data
-from tinyllm import Progress, UserError, format_seconds, interrupt_note, number, parse_flags, resolve_device, run_main
+from tinyllm import (Progress, UserError, atomic_write, format_seconds, interrupt_note, number, parse_flags,
+                     resolve_device, run_main)
 from train import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 
@@ -64,17 +64,8 @@ class TableConfig:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: no temp file left behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers see the old file or the whole new one (tinyllm.atomic_write: temp file, fsync, rename)."""
+    atomic_write(path, text.encode("utf-8"))
 
 
 METRICS = {"accuracy_generate": "correct_generate", "accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm"}

@@ -882,18 +882,6 @@ def machine_info(device: torch.device, cfg: BenchConfig) -> dict:
     return info
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def main(argv: list[str]) -> list[dict]:
     cfg = parse_flags(BenchConfig, argv)
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -948,7 +936,7 @@ def main(argv: list[str]) -> list[dict]:
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = time.perf_counter() - start
     report = dict(machine=info, entries=entries)
-    atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    tinyllm.atomic_write(out / "bench.json", (json.dumps(report, indent=2) + "\n").encode())
     print()
     print(table(entries))
     print(f"\n{len(entries)} entries in {info['seconds']:.0f}s, load average {info['loadavg_start'][0]:.2f} at start, "
