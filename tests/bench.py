@@ -26,7 +26,8 @@ What is measured, every case on the same weights and the same inputs:
      teacher's rationales for 64 real teacher prompts, each row stopped at its release LLaMA-2 rationale's length,
      continuous batching against transformers generate on static batches (8 and 32 rows), rationales/s; rank
      scoring of 64 test questions against transformers' one row per option, examples/s. Each records whether both
-     sides produced the same output (same_output).
+     sides produced the same output (same_output: the fraction of rationales with the same tokens, of questions
+     with the same chosen option).
 
 Timing: warm-up calls are excluded; then repetitions alternate ours/transformers, and which of the two goes first
 alternates too, so drift in machine load hits both alike. Reported: the median and the min-max spread of the
@@ -663,9 +664,11 @@ def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: i
                 baseline=f"transformers {type(theirs).__name__}, one row per option (prompt included)",
                 shapes=dict(questions=n_questions, batch=batch, options=sum(len(o) for o in options),
                             prompt_tokens=sum(len(p) for p in prompt_rows), dtype=str(dtype).removeprefix("torch.")))
-    tolerance = 0.5 if bf16_weights else 1e-3  # nats on a summed log-likelihood; bf16 weights round differently
-    case.extra["compare"] = lambda: max(abs(a - b) for x, y in zip(outputs["ours"], outputs["theirs"])
-                                        for a, b in zip(x, y)) <= tolerance
+    # the fraction of questions where both pick the same option (bf16 weights round the two sums differently,
+    # and random weights leave options close, so a few near-ties may flip; in fp32 every choice agrees)
+    case.extra["compare"] = lambda: sum(
+        max(range(len(x)), key=x.__getitem__) == max(range(len(y)), key=y.__getitem__)
+        for x, y in zip(outputs["ours"], outputs["theirs"])) / n_questions
     return case
 
 
