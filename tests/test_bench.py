@@ -37,8 +37,12 @@ def test_bench_json_has_one_entry_per_measurement(quick_run):
     for entry in entries:
         assert ENTRY_KEYS <= entry.keys(), entry
         assert entry["device"] == "cpu"
-        assert entry["ours"] > 0 and entry["transformers"] > 0, entry
-        assert math.isclose(entry["ratio"], entry["ours"] / entry["transformers"], rel_tol=1e-9), entry
+        if entry["unit"] == "MiB":  # a tiny quick-mode call may add no page to the resident set at all
+            assert entry["ours"] >= 0 and entry["transformers"] >= 0, entry
+        else:
+            assert entry["ours"] > 0 and entry["transformers"] > 0, entry
+        if entry["transformers"] > 0:
+            assert math.isclose(entry["ratio"], entry["ours"] / entry["transformers"], rel_tol=1e-9), entry
         assert entry["reps"] >= 1 and len(entry["load"]) == 2
     names = [e["name"] for e in entries]
     assert len(names) == len(set(names)), names
@@ -59,7 +63,7 @@ def test_bench_json_has_one_entry_per_measurement(quick_run):
         assert low <= e["ours"] <= high
     memory = [e for e in entries if e["unit"] == "MiB"]
     assert {e["name"].removesuffix(" | peak memory") for e in memory} == {e["name"] for e in speed}
-    assert all(e["ours"] > 0 and e["transformers"] > 0 for e in memory)
+    assert all(e["ours"] >= 0 and e["transformers"] >= 0 for e in memory)
     achieved = [e for e in entries if e["unit"] in ("GFLOP/s", "GB/s")]
     assert {e["name"].rsplit(" | ", 1)[0] for e in achieved} == {e["name"] for e in speed if e not in jobs}
 
