@@ -443,8 +443,10 @@ def test_debug_shows_the_traceback_of_an_expected_failure(world, tmp_path, how):
 
 def interrupt_when(command: list[str], env: dict, ready: str, timeout: float = 120) -> tuple[int, str]:
     """Start `command`, send SIGINT once a line of its output matches `ready`; (exit status, output)."""
+    # SIGINT back to its default in the child: a test run started in the background (`make test &`, nohup)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler, as it should not
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
+                               text=True, bufsize=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     deadline = time.monotonic() + timeout
     for line in process.stdout:
