@@ -37,18 +37,18 @@ from train import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 @dataclass
 class EvalConfig:
-    dataset: str = "obqa"
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     model: str = ""  # hub id or folder (a run's best/, the student for inference, a teacher)
     method: str = ""  # the row this is in the table: inference, finetune, kd, dss, lora, tinyllm, teacher
-    data: str = "data"
+    data: str = "data"  # the datasets' folder (downloaded and checksummed on first use)
     out: str = ""  # the run folder results go into
     limit: int = 0  # first N examples of each split (0 = all)
-    device: str = "auto"
+    device: str = "auto"  # auto = cuda when available, else cpu
     scoring: str = "generate"  # generate (the paper's) | rank (lm-eval's log-likelihood) | generate,rank (both)
-    splits: str = "test,valid"
-    batch_size: int = 32
-    max_input_tokens: int = 1024
-    max_new_tokens: int = 64
+    splits: str = "test,valid"  # comma-separated, of test, valid
+    batch_size: int = 32  # questions per forward pass
+    max_input_tokens: int = 1024  # longer inputs lose words from the start of the question
+    max_new_tokens: int = 64  # the longest generated answer, in tokens
     bf16: int = 1  # bf16 weights where the device computes bf16 natively (fp32 elsewhere)
     chat: int = -1  # decoder-only student: 1 = chat template, 0 = plain; -1 = the checkpoint's format, else default
     boundary: int = -1  # decoder-only student: 1 = the input ends with "Answer:"; -1 = the checkpoint's, else 1
@@ -56,8 +56,8 @@ class EvalConfig:
 
 @dataclass
 class TableConfig:
-    dataset: str = "obqa"
-    out: str = "out"
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    out: str = "out"  # reads OUT/<dataset>/*/results.json, writes OUT/<dataset>/table.md
     metric: str = "accuracy"  # column(s), comma-separated: accuracy | accuracy_generate | accuracy_sum | accuracy_norm
     resamples: int = 10000  # paired bootstrap resamples of the test questions
     seed: int = 0  # of the bootstrap
@@ -578,8 +578,8 @@ def draw_training(metrics: Path, root: Path) -> Path:
 
 @dataclass
 class ReportConfig:
-    dataset: str = "obqa"
-    out: str = "out"
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    out: str = "out"  # links what is under OUT/<dataset>/ in OUT/<dataset>/report.md
 
 
 SECTIONS = (("table", "Table 1: baselines and TinyLLM", "make table"),

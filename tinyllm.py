@@ -876,14 +876,14 @@ def rationales(cfg: RationalesConfig) -> None:
 
 @dataclass
 class ExperimentConfig:
-    dataset: str = "obqa"
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     student: str = "google/flan-t5-small"  # hub id or folder
     teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
-    data: str = "data"
-    cache: str = "cache"
+    data: str = "data"  # the datasets' folder
+    cache: str = "cache"  # the rationale cache (`make rationales`)
     out: str = "out"  # rows in OUT/<dataset>/<experiment>/, the summary in OUT/<dataset>/<experiment>.json
     limit: int = 0  # first N examples of each split (0 = all)
-    device: str = "auto"
+    device: str = "auto"  # auto = cuda when available, else cpu
     seeds: str = ""  # "0 1 2": every row once per seed, in <row>/seed<N>/, reported as mean ± std ("" = once)
     metric: str = "accuracy"  # the results.json number compared (and selected on, by the sweep)
     train_args: str = ""  # extra train.py flags for every run, e.g. "--epochs=3 --lr=1e-4"

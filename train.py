@@ -52,46 +52,44 @@ ANSWER_TASK = "answer"
 
 @dataclass
 class TrainConfig:
-    dataset: str = "obqa"
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     student: str = "google/flan-t5-small"  # hub id or folder: T5 (seq2seq) or LLaMA-family (decoder-only)
     teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # names pick the cache files; sources must match theirs
     alpha: str = ""  # "name=weight ..." for Eq. 2; default 1 for every teacher
-    method: str = "tinyllm"
+    method: str = "tinyllm"  # tinyllm | finetune | kd | dss | lora | inference
     teacher: str = ""  # the one teacher of dss / kd; default the first of --teachers
-    data: str = "data"
-    cache: str = "cache"
+    data: str = "data"  # the datasets' folder (downloaded and checksummed on first use)
+    cache: str = "cache"  # the rationale cache (`make rationales`)
     out: str = ""  # run folder; default out/<dataset>/<method>
     limit: int = 0  # first N examples of train and valid (0 = all)
     train_limit: int = 0  # first N training examples only (0 = all); valid stays whole, unlike --limit
     train_fraction: float = 1.0  # a seeded fraction of train, the paper's Figure 2 (12.5% ... 100%)
-    device: str = "auto"
+    device: str = "auto"  # auto = cuda when available, else cpu
     resume: int = 0  # 1: continue from OUT/last (optimizer, scheduler, data order, RNG)
     # optimisation: the paper's defaults
-    lr: float = 5e-5
+    lr: float = 5e-5  # AdamW peak learning rate, decayed linearly to 0
     batch_size: int = 8  # examples per optimizer step, over all processes and accumulation steps
-    grad_accum: int = 1
-    epochs: int = 1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step (each batch_size / grad_accum examples)
+    epochs: int = 1  # passes over the training set (the paper: 1)
+    warmup_steps: int = 0  # linear warmup steps before the decay
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     clip: float = 1.0  # max gradient norm (0 = no clipping)
-    seed: int = 0
-    max_input_tokens: int = 1024
-    max_target_tokens: int = 256
+    seed: int = 0  # data order, dropout, the train_fraction subset
+    max_input_tokens: int = 1024  # longer inputs lose words from the start of the question
+    max_target_tokens: int = 256  # rationale targets are cut to this many tokens
     bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
     checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
     chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_rank: int = 8  # --method=lora: rank of the q/v adapters
+    lora_alpha: float = 16.0  # --method=lora: the adapters' scale is lora_alpha / lora_rank
     # bookkeeping
-    log_every: int = 10
+    log_every: int = 10  # a progress line (losses per task, lr, tokens/s, ETA) every N steps
     eval_every: int = 0  # valid accuracy every N steps (0 = at the end of each epoch)
     save_every: int = 0  # OUT/last every N steps (0 = at evaluations and at the end)
     stop_at: int = 0  # stop after this step (the schedule still spans the full run; RESUME=1 continues)
-    eval_batch_size: int = 32
-    max_new_tokens: int = 64
-
-
+    eval_batch_size: int = 32  # questions per forward pass in validation
+    max_new_tokens: int = 64  # the longest generated answer in validation, in tokens
 
 
 def teacher_names(teachers: str) -> list[str]:
