@@ -473,3 +473,36 @@ def test_decoder_only_format_is_saved_with_the_checkpoint(tiny_chat_llama, tiny_
         train.student_format(tmp_path, SimpleNamespace(chat_template=None), 1, -1)
     with pytest.raises(SystemExit, match="for decoder-only students"):
         train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False, chat=1)
+
+
+@pytest.mark.parametrize("kind, lora", [("t5", False), ("llama", False), ("llama", True)])
+def test_validation_scores_the_model_eval_py_loads(kind, lora, request, data_dir, tmp_path, monkeypatch):
+    """Where bf16 is native, eval.py loads a checkpoint with bf16 weights, and a near-chance student's answers
+    flip on that rounding (3 points on 500 questions, seen on SmolLM2). Validation, which picks RUN/best,
+    scores that same model, and training's fp32 weights are left as they were. The bf16 path is forced, so
+    this runs on any CPU."""
+    import eval as evaluation
+
+    for module in (train, evaluation):
+        monkeypatch.setattr(module, "bf16_supported", lambda device: True)
+    cpu = torch.device("cpu")
+    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), cpu, bf16=True)
+    if lora:  # adapters that matter (B starts at zero); the checkpoint holds them merged
+        train.add_lora(student.module, 4, 8.0)
+        for module in student.module.modules():
+            if isinstance(module, train.LoRALinear):
+                torch.nn.init.normal_(module.lora_B, std=0.05)
+    weights = {name: value.clone() for name, value in student.module.state_dict().items()}
+    examples = data.load_split("obqa", "valid", data_dir, limit=6)
+    validated = train.predict(train.inference_student(student), examples, "rank,generate", max_new_tokens=6)
+    assert all(value.dtype == torch.float32 and torch.equal(value, weights[name])
+               for name, value in student.module.state_dict().items())
+    autocast_only = train.predict(student, examples, "rank,generate", max_new_tokens=6)
+    assert [r["scores"] for r in autocast_only] != [r["scores"] for r in validated]  # the rounding shows
+
+    train.save_checkpoint(student, tmp_path / "best")
+    evaluation.evaluate(evaluation.EvalConfig(model=str(tmp_path / "best"), data=str(data_dir), out=str(tmp_path),
+                                              limit=6, device="cpu", scoring="rank,generate", splits="valid",
+                                              max_new_tokens=6))
+    evaluated = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [{"split": "valid", **record} for record in validated] == evaluated
