@@ -903,9 +903,11 @@ def inference_student(student: Student) -> Student:
     if not student.bf16:
         return student
     with merged_lora(student.module):
-        module = copy.deepcopy(student.module)
-    for parameter in module.parameters():  # the checkpoint's tensors only, as from_pretrained casts them:
-        parameter.data = parameter.data.to(torch.bfloat16)  # buffers such as RoPE's inv_freq stay fp32
+        # The checkpoint's tensors (the parameters) become bf16 as from_pretrained casts them, copied straight
+        # into bf16 (no transient fp32 copy; tied weights stay one); buffers such as RoPE's inv_freq stay fp32.
+        bf16 = {id(p): nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+                for p in student.module.parameters()}
+        module = copy.deepcopy(student.module, memo=bf16)
     inference = copy.copy(student)
     inference.module = module
     inference.objective = inference.train_objective = type(student.objective)(module)  # T5 scores through it
