@@ -52,6 +52,7 @@ class EvalConfig:
     bf16: int = 1  # bf16 weights where the device computes bf16 natively (fp32 elsewhere)
     chat: int = -1  # decoder-only student: 1 = chat template, 0 = plain; -1 = the checkpoint's format, else default
     boundary: int = -1  # decoder-only student: 1 = the input ends with "Answer:"; -1 = the checkpoint's, else 1
+    task_prefix: int = -1  # decoder-only student: 1 = p_A ("predict: ") at the start too; -1 = the checkpoint's, else 0
 
 
 @dataclass
@@ -92,7 +93,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
     scorings = parse_scoring(cfg.scoring)
-    student = load_student(cfg.model, device, bool(cfg.bf16), dtype, chat=cfg.chat, boundary=cfg.boundary)
+    student = load_student(cfg.model, device, bool(cfg.bf16), dtype, chat=cfg.chat, boundary=cfg.boundary,
+                           task_prefix=cfg.task_prefix)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}

@@ -346,15 +346,22 @@ def padding_causal_mask(attention_mask: Tensor) -> Tensor:
     return (causal & attention_mask.bool()[:, None, None, :]) | (slots[None, :] == slots[:, None])
 
 
-def segment_causal_mask(segment_ids: Tensor) -> Tensor:
+def segment_causal_mask(segment_ids: Tensor, branch_ids: Tensor | None = None) -> Tensor:
     """(B, 1, T, T) bool for sequences packed end to end: slot i sees slot j <= i of the same segment
     (segment_ids (B, T), the packed row each slot holds; -1 is padding, which sees itself only, so no
-    softmax row is empty). Positions restart per segment, so each row computes as if it ran alone."""
+    softmax row is empty). Positions restart per segment, so each row computes as if it ran alone.
+
+    branch_ids (B, T) make each segment a tree (train.py's TinyLLM step: one example's tasks over one shared
+    prompt): 0 marks the shared prefix, k > 0 the k-th branch after it. A slot of branch k sees the shared
+    prefix and the earlier slots of branch k only, so with positions that continue from the prefix, every
+    branch computes exactly as the row prefix + branch would alone."""
     T = segment_ids.shape[1]
     slots = torch.arange(T, device=segment_ids.device)
     causal = slots[None, :] <= slots[:, None]  # (T, T)
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
-    return ((same & causal & (segment_ids >= 0)[:, :, None]) | (slots[None, :] == slots[:, None]))[:, None]
+    see = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    if branch_ids is not None:
+        see = see & ((branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :]))
+    return ((see & causal & (segment_ids >= 0)[:, :, None]) | (slots[None, :] == slots[:, None]))[:, None]
 
 
 class Llama(nn.Module):

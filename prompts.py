@@ -195,8 +195,12 @@ def stated_answer(rationale: str, options: Sequence[str]) -> int | None:
 
 # ----------------------------------------------------------------------------- cleaning rationales
 
-# a new "Question:" / "Q:" at the start of a line or of a sentence: the model is writing the next example
-_NEW_QUESTION = re.compile(r"(?:^|\n|(?<=[.!?])[ \t])[ \t]*(?:Question|QUESTION|Q)[ \t]*:")
+# The model writing the next example: a new "Question:" / "Q:" at the start of a line or of a sentence, or
+# a markdown heading that opens one ("### Question: ...", "### Q2", "### 10.", a bare "###"), as about 5% of
+# the paper's LLaMA-2 rationales do (OBQA, ARC). Headings such as "### Explanation:" keep their text.
+_NEW_QUESTION = re.compile(r"(?:^|\n|(?<=[.!?])[ \t])[ \t]*(?:Question|QUESTION|Q)[ \t]*:"
+                           r"|(?<!#)#{2,}(?!#)[ \t]*(?:Questions?\b|QUESTIONS?\b|Q\b|Q?\.?[ \t]*\d|(?=\n)|$)")
+CLEANING = 2  # clean_rationale's version: in the release teacher's cache settings, so a change re-reads them
 _LEADING = re.compile(r"^\s*(?:rationale\s*:\s*)?(?:let['’]s\s+think\s+step\s+by\s+step\.?\s*)?", re.I)
 
 

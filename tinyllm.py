@@ -735,7 +735,8 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
     """Make what is missing or stale of one teacher's rationales; None, or why it stopped early."""
     teacher_cls, spec = teacher_kind(source)
     prompted = getattr(teacher_cls, "prompted", True)
-    settings = {"release": spec} if not prompted else dict(
+    # A release record is only the cleaned text: a new clean_rationale makes it stale (a live teacher's is kept).
+    settings = {"release": spec, "cleaning": prompts.CLEANING} if not prompted else dict(
         k=cfg.k, seed=cfg.seed, teacher_forcing=cfg.teacher_forcing, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p)
     jobs = make_jobs(cfg, prompted, examples, pool)
@@ -970,7 +971,8 @@ def plan_row(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> lis
         eval_cfg = evaluation.EvalConfig(**eval_own, batch_size=train_cfg.eval_batch_size,
                                          max_input_tokens=train_cfg.max_input_tokens,
                                          max_new_tokens=train_cfg.max_new_tokens, bf16=train_cfg.bf16,
-                                         chat=train_cfg.chat, boundary=train_cfg.boundary)
+                                         chat=train_cfg.chat, boundary=train_cfg.boundary,
+                                         task_prefix=train_cfg.task_prefix)
         runs.append((train_cfg, with_flags(eval_cfg, cfg.eval_args, f"{command} --eval_args", set(eval_own))))
     return runs
 

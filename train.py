@@ -82,6 +82,7 @@ class TrainConfig:
     checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
     chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
+    task_prefix: int = -1  # decoder-only student: 1 = p_A / p_m at the start too (nothing shared), -1 = default (0)
     lora_rank: int = 8  # --method=lora: rank of the q/v adapters
     lora_alpha: float = 16.0  # --method=lora: the adapters' scale is lora_alpha / lora_rank
     # bookkeeping
@@ -284,8 +285,9 @@ class Seq2SeqObjective(nn.Module):
 
 
 class DecoderOnlyObjective(nn.Module):
-    """A LLaMA-family model over packed sequences (input_ids, position_ids, segment_ids: which row each slot
-    holds, -1 for padding), the LM head at the positions that predict target tokens (target_index)."""
+    """A LLaMA-family model over packed sequences (input_ids, position_ids, segment_ids: which example's tree
+    each slot holds, -1 for padding; branch_ids: 0 its shared prompt, k its k-th row), the LM head at the
+    positions that predict target tokens (target_index)."""
 
     def __init__(self, model: llama.Llama):
         super().__init__()
@@ -293,7 +295,7 @@ class DecoderOnlyObjective(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], labels: Tensor,
                 token_weights: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        mask = llama.segment_causal_mask(batch["segment_ids"])  # (B, 1, T, T): causal within each row
+        mask = llama.segment_causal_mask(batch["segment_ids"], batch["branch_ids"])  # (B, 1, T, T): each row's own view
         hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], mask)  # (B, T, hidden)
         hidden = hidden.flatten(0, 1)[batch["target_index"]]  # (N, hidden)
         return target_cross_entropy(hidden, self.model.lm_head.weight, labels, token_weights)
@@ -321,44 +323,51 @@ class Student:
         set no bound; a decoder-only model's position table does (see DecoderOnlyStudent)."""
         return limit
 
-    def boundary(self, task: str) -> str:
-        """The line that ends task `task`'s input (prompts.student_input); T5's official format has none."""
-        return ""
+    def input_text(self, example: data.Example, task: str | None, prefix: str) -> str:
+        """The text of task `task`'s input; task None: the part every task shares. T5 reads the official
+        format, p ⊕ Q ⊕ O, whole in its encoder: the prefix names the task (§3.3)."""
+        return prompts.student_input(example, prefix)
 
     def input_format(self) -> str:
         """How inputs are written, for results.json: the paper's T5 format, or a decoder-only one."""
         return self.kind
 
-    def fit_prompt(self, example: data.Example, prefix: str, boundary: str, limit: int) -> list[int]:
-        """THE student input of every row, trained, generated from or ranked: student_input(example, prefix,
-        boundary), encoded, in at most `limit` tokens. Too long: drop words from the START of the question, so
-        the end of the question (where the ask is), the options and the boundary survive."""
-        ids = self.encode_prompt(prompts.student_input(example, prefix, boundary))
-        if len(ids) <= limit:
+    def fit_prompt(self, example: data.Example, task: str, prefix: str, limit: int) -> list[int]:
+        """THE student input of every row, trained, generated from or ranked: input_text(example, task, prefix),
+        encoded, its shared part (input_text(example, None, prefix)) in at most `limit` tokens, so that every
+        task of an example drops the same words. Too long: drop words from the START of the question, so the
+        end of the question (where the ask is), the options and the task line survive."""
+        def encode(ex: data.Example) -> tuple[list[int], int]:  # (ids, how many of them count against limit)
+            ids = self.encode_prompt(self.input_text(ex, task, prefix))
+            shared = self.input_text(ex, None, prefix)
+            return ids, len(ids) if shared == self.input_text(ex, task, prefix) else len(self.encode_prompt(shared))
+
+        ids, counted = encode(example)
+        if counted <= limit:
             return ids
         words = example.question.split(" ")
 
-        def encode_without(k: int) -> list[int]:
-            shorter = dataclasses.replace(example, question=" ".join(words[k:]))
-            return self.encode_prompt(prompts.student_input(shorter, prefix, boundary))
+        def encode_without(k: int) -> tuple[list[int], int]:
+            return encode(dataclasses.replace(example, question=" ".join(words[k:])))
 
         lo, hi = 1, len(words)  # smallest k (words dropped) that fits, by bisection
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(encode_without(mid)) <= limit:
+            if encode_without(mid)[1] <= limit:
                 hi = mid
             else:
                 lo = mid + 1
-        ids = encode_without(lo)
-        if len(ids) > limit:  # the options alone are too long: keep the end, which holds the last options
-            ids = ids[len(ids) - limit:]
+        ids, counted = encode_without(lo)
+        if counted > limit:  # the options alone are too long: keep the end, which holds the last options
+            ids = ids[counted - limit:]
         return ids
 
-    def target_loss(self, rows: list[tuple[list[int], list[int]]],
+    def target_loss(self, examples: list[list[tuple[list[int], list[int]]]],
                     row_weights: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
-        """Token cross-entropy of every (prompt, target) row at its target tokens: (Σ_n row_weights[row(n)] ·
-        CE_n, or None without weights; CE_n (N,); row(n) (N,), on the device)."""
-        batch, labels, token_rows = to_device(self.collate(rows), self.device)
+        """Token cross-entropy of every (prompt, target) row at its target tokens, the rows grouped by example
+        (a decoder-only student reads what an example's rows share once): (Σ_n row_weights[row(n)] · CE_n, or
+        None without weights; CE_n (N,); row(n) (N,), on the device), rows numbered in order, examples flat."""
+        batch, labels, token_rows = to_device(self.collate(examples), self.device)
         token_weights = row_weights[token_rows] if row_weights is not None else None
         loss, losses = self.train_objective(batch, labels, token_weights)
         return loss, losses, token_rows
@@ -411,7 +420,9 @@ class Seq2SeqStudent(Student):
             group["encoder_rows"] = torch.tensor(encoder_rows)
         return group, [r for r, t in enumerate(targets) for _ in t]
 
-    def collate(self, rows: list[tuple[list[int], list[int]]]) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
+    def collate(self, examples: list[list[tuple[list[int], list[int]]]]) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
+        # every task's input starts with its own prefix p_A / p_m (the official format): nothing to share
+        rows = [row for example in examples for row in example]
         groups, labels, token_rows = [], [], []
         for members in length_groups(rows):
             group, owners = self.group([rows[i][0] for i in members], [rows[i][1] for i in members])
@@ -440,31 +451,43 @@ class Seq2SeqStudent(Student):
         return [self.tokenizer.decode(cut_at_eos(row, eos)) for row in out.tolist()]
 
 
+TASK_LINE_TOKENS = 32  # a decoder-only prompt's room for its task line (and chat turn end), beyond --max_input_tokens
+
+
 class DecoderOnlyStudent(Student):
     """A LLaMA-family model: one sequence prompt + target; only the target tokens are in the loss (beyond
-    the paper, which used T5 students only). The input ends with a boundary line naming the target
-    ("Answer:"), and with `chat`, goes through the student's chat template as the user turn, the target
-    being the assistant turn."""
+    the paper, which used T5 students only). The input is Q ⊕ O, then a task line that names the target
+    ("Answer:", "Rationale (llama-2):"), and with `chat`, goes through the student's chat template as the
+    user turn, the target being the assistant turn. The task line plays p_A / p_m's part (§3.3) where the
+    target starts, so the question and options before it are the same text for every task: the TinyLLM step
+    reads them once per example (collate). `task_prefix` keeps p_A / p_m at the start as well (version 2's
+    format; then nothing is shared); the plain format (no task line) needs it, as it is the only marker."""
 
     kind = "llama"
 
     def __init__(self, model: llama.Llama, tokenizer, device: torch.device, bf16: bool, chat: bool = False,
-                 with_boundary: bool = True):
+                 with_boundary: bool = True, task_prefix: bool = False):
         super().__init__(model, tokenizer, device, bf16, DecoderOnlyObjective(model))
-        self.chat, self.with_boundary = chat, with_boundary
+        if not (with_boundary or task_prefix):
+            raise UserError("--boundary=0 with --task_prefix=0: nothing in the input would say which task's "
+                            "target follows (keep the task line, or the prefix)")
+        self.chat, self.with_boundary, self.task_prefix = chat, with_boundary, task_prefix
 
     def prompt_limit(self, limit: int, reserve: int) -> int:
         positions = self.module.config.max_position_embeddings
-        if positions - reserve <= 0:
+        room = positions - reserve - TASK_LINE_TOKENS
+        if room <= 0:
             raise UserError(f"the student has {positions} positions: no room for a prompt before {reserve} "
                             "target tokens (lower --max_target_tokens / --max_new_tokens)")
-        return min(limit, positions - reserve)
+        return min(limit, room)
 
-    def boundary(self, task: str) -> str:
-        return prompts.task_boundary(task, ANSWER_TASK) if self.with_boundary else ""
+    def input_text(self, example: data.Example, task: str | None, prefix: str) -> str:
+        line = prompts.task_boundary(task, ANSWER_TASK) if task is not None and self.with_boundary else ""
+        return prompts.student_input(example, prefix if self.task_prefix else "", line)
 
     def input_format(self) -> str:
-        return "chat" if self.chat else ("boundary" if self.with_boundary else "plain")
+        name = "chat" if self.chat else ("boundary" if self.with_boundary else "plain")
+        return f"{name}+prefix" if self.task_prefix and self.with_boundary else name
 
     def encode_prompt(self, text: str) -> list[int]:
         if self.chat:  # the rendered template writes its own BOS text where the model wants one
@@ -478,30 +501,48 @@ class DecoderOnlyStudent(Student):
     def encode_option(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=False)
 
-    def collate(self, rows: list[tuple[list[int], list[int]]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Rows packed end to end into sequences as long as the longest row, positions restarting at 0 on
-        every row (as if each ran alone); target token j of a row is predicted at its position p + j - 1."""
-        lengths = [len(p) + len(t) for p, t in rows]
+    def collate(self, examples: list[list[tuple[list[int], list[int]]]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """One tree per example: the prompt tokens its rows share (Q ⊕ O, chat header), once, then one branch
+        per row, the rest of its prompt (the task line) and its target. A branch sees the shared part and
+        itself only (llama.segment_causal_mask with branch ids), at the positions it would have alone, so each
+        row computes exactly as if it ran alone (tests/test_train.py checks losses and gradients). Trees are
+        packed end to end into sequences as long as the longest tree. A row's last target token is never an
+        input: it predicts nothing. Target token j of a row is predicted by the token before it."""
+        trees = []  # (shared prompt, [(branch tokens, target, flat row index)])
+        row = 0
+        for rows in examples:
+            shared = len(os.path.commonprefix([p for p, _ in rows]))  # the whole prompt of a lone row
+            trees.append((rows[0][0][:shared], [(p[shared:], t, row + r) for r, (p, t) in enumerate(rows)]))
+            row += len(rows)
+        lengths = [len(shared) + sum(len(tail) + len(t) - 1 for tail, t, _ in branches) for shared, branches in trees]
         bins, width = pack_rows(lengths), max(lengths)
         input_ids = torch.full((len(bins), width), self.tokenizer.pad_id, dtype=torch.long)
         position_ids = torch.zeros((len(bins), width), dtype=torch.long)
         segment_ids = torch.full((len(bins), width), -1, dtype=torch.long)
+        branch_ids = torch.zeros((len(bins), width), dtype=torch.long)
         target_index, labels, token_rows = [], [], []
         for b, members in enumerate(bins):
             start = 0
             for k, i in enumerate(members):
-                prompt, target = rows[i]
-                end = start + lengths[i]
-                input_ids[b, start:end] = torch.tensor(prompt + target)
-                position_ids[b, start:end] = torch.arange(lengths[i])
-                segment_ids[b, start:end] = k
-                first = b * width + start + len(prompt) - 1  # the last prompt token predicts the first target token
-                target_index += range(first, first + len(target))
-                labels += target
-                token_rows += [i] * len(target)
-                start = end
+                shared, branches = trees[i]
+                segment_ids[b, start:start + lengths[i]] = k
+                input_ids[b, start:start + len(shared)] = torch.tensor(shared, dtype=torch.long)
+                position_ids[b, start:start + len(shared)] = torch.arange(len(shared))
+                at = start + len(shared)
+                for branch, (tail, target, r) in enumerate(branches, 1):
+                    n = len(tail) + len(target) - 1
+                    input_ids[b, at:at + n] = torch.tensor(tail + target[:-1], dtype=torch.long)
+                    position_ids[b, at:at + n] = torch.arange(len(shared), len(shared) + n)
+                    branch_ids[b, at:at + n] = branch
+                    last_prompt = at + len(tail) - 1 if tail else start + len(shared) - 1
+                    target_index += [b * width + last_prompt] + [b * width + at + len(tail) + j
+                                                                 for j in range(len(target) - 1)]
+                    labels += target
+                    token_rows += [r] * len(target)
+                    at += n
+                start += lengths[i]
         batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids,
-                 "target_index": torch.tensor(target_index, dtype=torch.long)}
+                 "branch_ids": branch_ids, "target_index": torch.tensor(target_index, dtype=torch.long)}
         return batch, torch.tensor(labels), torch.tensor(token_rows)
 
     @torch.no_grad()
@@ -532,40 +573,45 @@ class DecoderOnlyStudent(Student):
 
     def save_pretrained(self, folder: Path) -> None:
         super().save_pretrained(folder)
-        fmt = {"chat": self.chat, "boundary": self.with_boundary}
+        fmt = {"chat": self.chat, "boundary": self.with_boundary, "task_prefix": self.task_prefix}
         (Path(folder) / STUDENT_FORMAT).write_text(json.dumps(fmt) + "\n")  # inside save_checkpoint's temp folder
 
 
 DEFAULT_CHAT = True  # an instruction-tuned decoder-only student reads its chat template (see student_format)
 
 
-def student_format(source: Path, tokenizer, chat: int, boundary: int) -> tuple[bool, bool]:
-    """(chat, boundary) of a decoder-only student: the flags when given (0/1), else what the checkpoint was
-    trained with (its student_format.json), else the defaults: the boundary line always, the chat template
-    for an instruction-tuned student (one with a template), as measured best on OBQA valid (README)."""
-    saved = json.loads((source / STUDENT_FORMAT).read_text()) if (source / STUDENT_FORMAT).is_file() else {}
-    chat_ = bool(chat) if chat in (0, 1) else saved.get("chat", DEFAULT_CHAT and tokenizer.chat_template is not None)
-    boundary_ = bool(boundary) if boundary in (0, 1) else saved.get("boundary", True)
+def student_format(source: Path, tokenizer, chat: int, boundary: int, task_prefix: int) -> tuple[bool, bool, bool]:
+    """(chat, boundary, task_prefix) of a decoder-only student: the flags when given (0/1), else what the
+    checkpoint was trained with (its student_format.json), else the defaults: the task line always, the chat
+    template for an instruction-tuned student (one with a template), as measured best on OBQA valid
+    (README), and no prefix p_A / p_m at the start (the shared prompt; version 2's checkpoints, whose
+    student_format.json does not say, had it)."""
+    saved = json.loads((source / STUDENT_FORMAT).read_text()) if (source / STUDENT_FORMAT).is_file() else None
+    saved_ = saved or {}
+    chat_ = bool(chat) if chat in (0, 1) else saved_.get("chat", DEFAULT_CHAT and tokenizer.chat_template is not None)
+    boundary_ = bool(boundary) if boundary in (0, 1) else saved_.get("boundary", True)
+    prefix_ = bool(task_prefix) if task_prefix in (0, 1) else (
+        saved_.get("task_prefix", True) if saved is not None else not boundary_)
     if chat_ and tokenizer.chat_template is None:
         raise UserError(f"--chat=1: the student {source} has no chat template (tokenizer_config.json "
                         "'chat_template' or chat_template.jinja)")
-    return chat_, boundary_
+    return chat_, boundary_, prefix_
 
 
 def load_student(source: str, device: torch.device, bf16: bool = True, dtype: torch.dtype = torch.float32,
-                 chat: int = -1, boundary: int = -1) -> Student:
+                 chat: int = -1, boundary: int = -1, task_prefix: int = -1) -> Student:
     """A hub id or folder -> the student wrapper for its architecture, on `device`: fp32 weights for training
     (bf16 autocast when `bf16`), bf16 weights for inference-only evaluation. chat / boundary: the decoder-only
     input format (-1: the checkpoint's, else the default; see student_format); T5 keeps the paper's format."""
     model, tokenizer, kind = tinyllm.load_model(source, dtype=dtype, device=str(device))
     if kind == "t5":
-        if chat == 1 or boundary == 1:
-            raise UserError(f"{source}: --chat and --boundary are for decoder-only students; a T5 student "
-                            "reads the paper's format")
+        if chat == 1 or boundary == 1 or task_prefix == 0:
+            raise UserError(f"{source}: --chat, --boundary and --task_prefix are for decoder-only students; a T5 "
+                            "student reads the paper's format")
         return Seq2SeqStudent(model, tokenizer, device, bf16)
     if kind == "llama":
-        chat_, boundary_ = student_format(tinyllm.resolve_model(source), tokenizer, chat, boundary)
-        return DecoderOnlyStudent(model, tokenizer, device, bf16, chat_, boundary_)
+        fmt = student_format(tinyllm.resolve_model(source), tokenizer, chat, boundary, task_prefix)
+        return DecoderOnlyStudent(model, tokenizer, device, bf16, *fmt)
     raise UserError(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
 
 
@@ -595,8 +641,7 @@ def predict(student: Student, examples: list[data.Example], scoring: str = "gene
     was_training = student.module.training
     student.module.eval()
     limit = student.prompt_limit(max_input_tokens, max_new_tokens)
-    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, student.boundary(ANSWER_TASK), limit)
-                   for ex in examples]
+    prompt_rows = [student.fit_prompt(ex, ANSWER_TASK, prompts.ANSWER_PREFIX, limit) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompt_rows[i]))  # similar lengths share a batch
     records = [{"id": ex.id, "answer": ex.answer} for ex in examples]
     for start in range(0, len(order), batch_size):
@@ -703,7 +748,7 @@ def encode_rows(student: Student, examples: list[data.Example], tasks: list[Task
     limit = student.prompt_limit(cfg.max_input_tokens, cfg.max_target_tokens)
     rows = []
     for ex in examples:
-        rows.append([(t, student.fit_prompt(ex, task.prefix, student.boundary(task.name), limit),
+        rows.append([(t, student.fit_prompt(ex, task.name, task.prefix, limit),
                       student.encode_target(task.targets[ex.id])[:cfg.max_target_tokens])
                      for t, task in enumerate(tasks) if ex.id in task.targets])
     return rows
@@ -724,8 +769,9 @@ def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 def shard_step(rows: list[list[tuple]], batch: list[int], n_tasks: int, rank: int, world: int,
                grad_accum: int) -> tuple[list[list[tuple]], list[int], int]:
-    """This rank's micro-batches of the step (rows with their task index), the number of target tokens of
-    each task in the WHOLE step (every rank and micro-batch), and the step's total tokens."""
+    """This rank's micro-batches of the step (each a list of examples, each a list of its rows with their task
+    index), the number of target tokens of each task in the WHOLE step (every rank and micro-batch), and the
+    step's total tokens."""
     task_tokens, tokens = [0] * n_tasks, 0
     for i in batch:
         for t, prompt, target in rows[i]:
@@ -733,21 +779,21 @@ def shard_step(rows: list[list[tuple]], batch: list[int], n_tasks: int, rank: in
             tokens += len(prompt) + len(target)
     mine = batch[rank::world]  # DistributedSampler-like: rank r takes every world-th example
     per_micro = len(mine) // grad_accum
-    micro_batches = [[row for i in mine[j * per_micro:(j + 1) * per_micro] for row in rows[i]]
-                     for j in range(grad_accum)]
+    micro_batches = [[rows[i] for i in mine[j * per_micro:(j + 1) * per_micro]] for j in range(grad_accum)]
     return micro_batches, task_tokens, tokens
 
 
-def micro_batch_loss(student: Student, micro: list[tuple], weights: Tensor, task_tokens: Tensor,
+def micro_batch_loss(student: Student, micro: list[list[tuple]], weights: Tensor, task_tokens: Tensor,
                      world: int) -> tuple[Tensor, Tensor]:
     """Eq. 2 over one micro-batch: Σ_t w_t · (CE summed over task t's tokens here) / (task t's tokens in the
     whole step). Normalising by the step's token count makes micro-batches and ranks add up exactly to the
     per-task mean token cross-entropy of the full batch; `world` undoes DDP's gradient averaging.
     Returns the loss to backpropagate and this micro-batch's share of each task's loss (n_tasks,)."""
-    task = torch.tensor([t for t, _, _ in micro], device=student.device)  # (R,)
+    task = torch.tensor([t for example in micro for t, _, _ in example], device=student.device)  # (R,)
     per_token = weights * world / task_tokens.clamp(min=1)  # (n_tasks,): w_t / (task t's tokens in the step)
     with student.autocast():
-        loss, losses, token_rows = student.target_loss([(p, tgt) for _, p, tgt in micro], per_token[task])
+        loss, losses, token_rows = student.target_loss([[(p, tgt) for _, p, tgt in example] for example in micro],
+                                                       per_token[task])
     token_task = task[token_rows]  # (N,)
     task_sums = torch.zeros(len(weights), device=student.device).index_add_(0, token_task, losses.float())
     return loss, task_sums / task_tokens.clamp(min=1)
@@ -977,7 +1023,8 @@ def train(cfg: TrainConfig) -> Path:
         check_resumable(cfg, resume_state["config"])
     # A LoRA run's last/ holds merged weights: resume from the frozen base plus the saved adapters.
     source = str(run / "last") if resume_state and cfg.method != "lora" else cfg.student
-    student = load_student(source, device, bool(cfg.bf16), chat=cfg.chat, boundary=cfg.boundary)
+    student = load_student(source, device, bool(cfg.bf16), chat=cfg.chat, boundary=cfg.boundary,
+                           task_prefix=cfg.task_prefix)
     if cfg.checkpointing:
         for module in student.module.modules():
             if hasattr(module, "checkpointing"):  # t5.Stack, llama.Llama

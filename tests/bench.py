@@ -625,8 +625,7 @@ def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: i
     student, theirs = job_student(kind, config, device, bf16=False, dtype=dtype)
     student.module.eval(), theirs.eval()
     questions = obqa_text().test[:n_questions]
-    boundary = student.boundary(train.ANSWER_TASK)
-    prompt_rows = [student.fit_prompt(ex, prompts.ANSWER_PREFIX, boundary, 1024) for ex in questions]
+    prompt_rows = [student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024) for ex in questions]
     options = [[student.encode_option(o) for o in ex.options] for ex in questions]
     chunks = [range(s, min(s + batch, n_questions)) for s in range(0, n_questions, batch)]
     outputs: dict = {}

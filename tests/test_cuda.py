@@ -22,15 +22,12 @@ EXAMPLES = [data.Example("q1", "Which one is red, as a rule?", ("grass", "blood"
             data.Example("q3", "Which animal swims in the sea most of its life?", ("fish", "rock", "cat", "dog"), 0)]
 
 
-def rows_of(student: train.Student) -> list[tuple[int, list[int], list[int]]]:
-    """Answer rows and a long 'rationale' row per example: two tasks, targets of very different lengths."""
-    out = []
-    for ex in EXAMPLES:
-        out.append((0, student.fit_prompt(ex, "predict: ", student.boundary("answer"), 512),
-                    student.encode_target(ex.answer_text)))
-        out.append((1, student.fit_prompt(ex, "explain: ", student.boundary("t"), 512),
-                    student.encode_target(" ".join([ex.answer_text, "is the option that fits"] * 4))))
-    return out
+def rows_of(student: train.Student) -> list[list[tuple[int, list[int], list[int]]]]:
+    """Per example, an answer row and a long 'rationale' row: two tasks, targets of very different lengths."""
+    return [[(0, student.fit_prompt(ex, "answer", "predict: ", 512), student.encode_target(ex.answer_text)),
+             (1, student.fit_prompt(ex, "t", "explain: ", 512),
+              student.encode_target(" ".join([ex.answer_text, "is the option that fits"] * 4)))]
+            for ex in EXAMPLES]
 
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
@@ -43,7 +40,8 @@ def test_bf16_training_step_with_fused_adamw(kind, request):
     assert gpu.bf16, "bf16 autocast must be on for this GPU"
     micro = rows_of(cpu)
     weights = torch.tensor([1.0, 0.5])
-    tokens = torch.tensor([sum(len(t) for task, _, t in micro if task == k) for k in (0, 1)], dtype=torch.float)
+    tokens = torch.tensor([sum(len(t) for rows in micro for task, _, t in rows if task == k) for k in (0, 1)],
+                          dtype=torch.float)
     reference, _ = train.micro_batch_loss(cpu, micro, weights, tokens, world=1)
     loss, task_losses = train.micro_batch_loss(gpu, micro, weights.to(CUDA), tokens.to(CUDA), world=1)
     assert torch.isfinite(task_losses).all()

@@ -111,7 +111,7 @@ def test_rank_scores_equal_one_forward_per_option(kind, request):
     student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
     records = train.predict(student, EXAMPLES, "rank", batch_size=3)  # padded prompts, a 3 + 1 split
     for ex, record in zip(EXAMPLES, records):
-        prompt = student.fit_prompt(ex, prompts.ANSWER_PREFIX, student.boundary("answer"), 1024)
+        prompt = student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024)
         options = [student.encode_option(option) for option in ex.options]
         assert record["tokens"] == [len(o) for o in options] and min(record["tokens"]) > 0
         expected = -padded_token_losses(student, [(prompt, option) for option in options])

@@ -1,5 +1,7 @@
 """prompts.py: golden prompts for a real example of every dataset, the parsers on tricky outputs, and
 the importer of the paper's released rationales on every row."""
+import re
+
 import pytest
 
 import data
@@ -200,6 +202,12 @@ CLEAN = [
      "Fog needs water. Thus, the answer is (a) a marsh"),
     ("Fog needs water. Q: What is next?", "", "Fog needs water."),
     ("The FAQ: fog needs water.", "", "The FAQ: fog needs water."),  # not a new question
+    ("Fog needs water. ### Question: Which is wet?", "", "Fog needs water."),  # LLaMA-2's markdown next question
+    ("Fog needs water. ### QUESTION 11", "", "Fog needs water."),
+    ("Fog needs water.\n\n### Q2\nQuestion:\nWhich", "", "Fog needs water."),
+    ("Fog needs water. ### 10. The moon", "", "Fog needs water."),
+    ("Fog needs water.\n###\n###\n###", "", "Fog needs water."),
+    ("Fog needs water. ### Explanation: marshes are wet.", "", "Fog needs water. ### Explanation: marshes are wet."),
     ("  \n ", "", ""),
 ]
 
@@ -277,3 +285,33 @@ def test_parse_release_on_the_readme_example():
                                                    "Let's think step by step.\nFirst, weld.")
     without_llama = raw.split(" llama rationale: ")[0]
     assert prompts.parse_release(without_llama, example) == ("Welding is the process of joining metals together.", None)
+
+
+# real LLaMA-2 release rationales that go on with the next question, and where the rationale ends
+NEXT_QUESTION = [("obqa", "9-938", "so granite cannot get smaller."),
+                 ("arc", "Mercury_7239523", "are the ones that sense the movement of the muscles."),
+                 ("arc", "Mercury_7108973", "Jupiter is the largest planet in our solar system.")]
+
+
+@pytest.mark.parametrize("dataset,ident,ending", NEXT_QUESTION)
+def test_release_rationale_is_cut_before_the_next_question(release_data, dataset, ident, ending):
+    examples = data.load_split(dataset, "train", release_data)
+    raws = data.load_release_rationales(dataset, "train", release_data)
+    raw = next(r for e, r in zip(examples, raws) if e.id == ident)
+    llama = prompts.parse_release(raw, example_by_id(release_data, dataset, "train", ident))[1]
+    assert "###" in llama  # the release line itself goes on with "### Question ...", "### 34."
+    assert prompts.clean_rationale(llama).endswith(ending)
+
+
+@pytest.mark.parametrize("dataset", ["obqa", "arc"])
+def test_no_release_rationale_keeps_a_next_question(release_data, dataset):
+    """On every train row: no cleaned LLaMA-2 rationale keeps a "### Question" / "### Q<n>" / "### <n>." heading
+    (297 of OBQA's 4,957 raw ones do, 54 of ARC's 1,117), and the headings that explain ("### Explanation")
+    are kept, not cut."""
+    examples = data.load_split(dataset, "train", release_data)
+    raws = data.load_release_rationales(dataset, "train", release_data)
+    cleaned = [prompts.clean_rationale(prompts.parse_release(r, e)[1]) for e, r in zip(examples, raws)]
+    raw_next = sum("### Question" in prompts.parse_release(r, e)[1] for e, r in zip(examples, raws))
+    assert raw_next >= 0.01 * len(examples)  # OBQA 123 of 4,957, ARC 28 of 1,117
+    assert not any(re.search(r"###\s*(?:Questions?|QUESTIONS?|Q\b|Q?\.?\s*\d)", text) for text in cleaned)
+    assert any("### Explanation" in text for text in cleaned)

