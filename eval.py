@@ -221,13 +221,36 @@ def paired_bootstrap(ours: list[bool], base: list[bool], resamples: int = 10_000
     """Accuracy difference ours - base in points, and its 95% percentile interval over `resamples` resamples
     of the questions with replacement (the same questions for both runs in every resample)."""
     diff = np.asarray(ours, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # +1, 0 or -1 per question
+    low, high = bootstrap_interval([diff], resamples, seed)
+    return 100 * diff.mean(), low, high
+
+
+def bootstrap_interval(strata: list[np.ndarray], resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval, in points, of the mean per-question difference over all strata's questions, each
+    resample drawing every stratum's questions (a dataset's) from that stratum with replacement, so each
+    dataset keeps its size in the pooled mean."""
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
+    total = sum(len(d) for d in strata)
+    sums = np.zeros(resamples)
     for start in range(0, resamples, 1000):  # 1000 resamples at a time: (1000, n) indices, not (resamples, n)
         stop = min(start + 1000, resamples)
-        means[start:stop] = diff[rng.integers(0, len(diff), (stop - start, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return 100 * diff.mean(), 100 * low, 100 * high
+        for d in strata:
+            sums[start:stop] += d[rng.integers(0, len(d), (stop - start, len(d)))].sum(axis=1)
+    low, high = np.percentile(sums / total, [2.5, 97.5])
+    return 100 * low, 100 * high
+
+
+def sign_flip_p(diff: np.ndarray, resamples: int = 10_000, seed: int = 0) -> float:
+    """Two-sided p of "no difference" for paired per-question differences: under H0 each question's difference
+    is as likely negated, so flip every sign at random and count how often |Σ| reaches the observed one
+    ((hits + 1) / (resamples + 1), never 0). With one seed (differences in {-1, 0, 1}) it is McNemar's test."""
+    rng = np.random.default_rng(seed)
+    observed = abs(diff.sum()) - 1e-9  # float sums of the same terms in another order
+    hits = 0
+    for start in range(0, resamples, 1000):
+        signs = rng.integers(0, 2, (min(1000, resamples - start), len(diff))) * 2 - 1  # (k, n) of ±1
+        hits += int((np.abs(signs @ diff) >= observed).sum())
+    return (hits + 1) / (resamples + 1)
 
 
 def mcnemar_exact(ours: list[bool], base: list[bool]) -> tuple[float, int, int]:

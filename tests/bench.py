@@ -429,7 +429,7 @@ def generation_case(name: str, baseline_class: str, theirs: nn.Module, static: b
 
 
 @dataclass
-class ObqaText:
+class ReleaseText:
     train: list  # data.Example
     rationales: list[tuple[str, str]]  # (FLAN-T5-xl, LLaMA-2) release rationale per train example
     test: list
@@ -438,7 +438,7 @@ class ObqaText:
     llama_tokenizer: object
 
 
-_OBQA: list[ObqaText] = []
+_RELEASE: dict[str, ReleaseText] = {}
 
 
 def assets_dir() -> Path | None:
@@ -448,24 +448,24 @@ def assets_dir() -> Path | None:
     return path if (path / "tinyllm_release").is_dir() else None
 
 
-def obqa_text(n: int = 64) -> ObqaText:
-    """The first n train and test examples of OBQA with the release's rationales, and the real T5 and LLaMA-2
-    sentencepiece tokenizers (read once per run)."""
-    if _OBQA:
-        return _OBQA[0]
+def release_text(dataset: str = "obqa", n: int = 64) -> ReleaseText:
+    """The first n train and test examples of a dataset with the release's rationales, and the real T5 and
+    LLaMA-2 sentencepiece tokenizers (read once per run)."""
+    if dataset in _RELEASE:
+        return _RELEASE[dataset]
     import tempfile
 
     assets = assets_dir()
-    folder = Path(tempfile.mkdtemp(prefix="bench-obqa-"))
-    data.download("obqa", folder, base_url=str(assets / "tinyllm_release"), rationales=True)
-    pool = data.load_split("obqa", "train", folder)
-    raws = data.load_release_rationales("obqa", "train", folder)
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-{dataset}-"))
+    data.download(dataset, folder, base_url=str(assets / "tinyllm_release"), rationales=True)
+    pool = data.load_split(dataset, "train", folder)
+    raws = data.load_release_rationales(dataset, "train", folder)
     rationales = [prompts.parse_release(raw, ex) for raw, ex in zip(raws[:n], pool[:n])]
-    _OBQA.append(ObqaText(pool[:n], [(flan, llama_ or "") for flan, llama_ in rationales],
-                          data.load_split("obqa", "test", folder)[:n], pool,
-                          t5.Tokenizer(assets / "t5_tokenizer" / "spiece.model"),
-                          llama.Tokenizer(assets / "llama2_tokenizer")))
-    return _OBQA[0]
+    _RELEASE[dataset] = ReleaseText(pool[:n], [(flan, llama_ or "") for flan, llama_ in rationales],
+                                    data.load_split(dataset, "test", folder)[:n], pool,
+                                    t5.Tokenizer(assets / "t5_tokenizer" / "spiece.model"),
+                                    llama.Tokenizer(assets / "llama2_tokenizer"))
+    return _RELEASE[dataset]
 
 
 def transformers_llama(config: dict, device: torch.device) -> nn.Module:
@@ -477,7 +477,7 @@ def transformers_llama(config: dict, device: torch.device) -> nn.Module:
 def job_student(kind: str, config: dict, device: torch.device, bf16: bool, dtype: torch.dtype = torch.float32):
     """(train.py's student around our model, transformers' model with the same weights)."""
     torch.manual_seed(0)
-    text = obqa_text()
+    text = release_text("obqa")
     if kind == "t5":
         theirs = transformers_t5(config, device).to(dtype)
         ours = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config))).to(device, dtype)
@@ -502,29 +502,49 @@ def theirs_task_loss(kind: str, theirs: nn.Module, rows: list[tuple[list[int], l
     return theirs(input_ids=input_ids, attention_mask=mask, labels=labels).loss
 
 
+def release_tasks(text: ReleaseText, examples: list) -> list[train.Task]:
+    """The answer task and the paper's two teachers' rationale tasks (α = 0.5 each) over the release text."""
+    tasks = [train.Task(train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0, {ex.id: ex.answer_text for ex in examples})]
+    for i, teacher in enumerate(("flan-t5-xl", "llama-2")):
+        targets = {ex.id: r[i] for ex, r in zip(examples, text.rationales) if r[i].strip()}
+        tasks.append(train.Task(teacher, prompts.teacher_prefix(teacher), 0.5, targets))
+    return tasks
+
+
+def our_step(student: train.Student, tasks: list[train.Task], examples: list, device: torch.device):
+    """train.py's optimizer step on `examples` (one micro-batch) with `tasks`: micro_batch_loss, backward, fused
+    AdamW. (the step function, its micro-batch, the task weights, the tokens per task)."""
+    rows = train.encode_rows(student, examples, tasks, train.TrainConfig())
+    (micro,), task_tokens, _ = train.shard_step(rows, list(range(len(examples))), len(tasks), 0, 1, 1)
+    weights = torch.tensor([t.weight for t in tasks], device=device)
+    task_tokens = torch.tensor(task_tokens, dtype=torch.float32, device=device)
+    optimizer = torch.optim.AdamW(student.module.parameters(), lr=1e-5, fused=True)
+
+    def step() -> None:
+        loss, _ = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, micro, weights, task_tokens
+
+
 def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, device: torch.device,
                      bf16: bool) -> Case:
     """Eq. 2 with the paper's two teachers on `batch` real OBQA examples: the answer and both release rationales
     (FLAN-T5-xl mean 17 words, LLaMA-2 mean 45, a long tail; cut at --max_target_tokens=256). Ours: train.py's
-    own step (micro_batch_loss: T5 rows in two length groups, decoder-only rows packed; the LM head at target
-    tokens only). Official: one transformers forward per task, losses weighted and summed. Both: one backward,
-    one fused AdamW step, under the autocast train.py uses here."""
+    own step (micro_batch_loss: T5 rows in two length groups; decoder-only: one tree per example, the question
+    and options once, a branch per task; the LM head at target tokens only). Official: one transformers forward
+    per task, losses weighted and summed. Both: one backward, one fused AdamW step, under the autocast train.py
+    uses here."""
     student, theirs = job_student(kind, config, device, bf16)
-    text = obqa_text()
+    text = release_text("obqa")
     examples = text.train[:batch]
-    tasks = [train.Task(train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0,
-                        {ex.id: ex.answer_text for ex in examples})]
-    for i, teacher in enumerate(("flan-t5-xl", "llama-2")):
-        targets = {ex.id: r[i] for ex, r in zip(examples, text.rationales) if r[i].strip()}
-        tasks.append(train.Task(teacher, prompts.teacher_prefix(teacher), 0.5, targets))
-    cfg = train.TrainConfig()
-    rows = train.encode_rows(student, examples, tasks, cfg)
-    (micro,), task_tokens, _ = train.shard_step(rows, list(range(len(examples))), len(tasks), 0, 1, 1)
-    weights = torch.tensor([t.weight for t in tasks], device=device)
-    task_tokens = torch.tensor(task_tokens, dtype=torch.float32, device=device)
-    by_task = [[(p, tgt) for t, p, tgt in micro if t == task] for task in range(len(tasks))]
+    tasks = release_tasks(text, examples)
+    step_ours, micro, weights, task_tokens = our_step(student, tasks, examples, device)
+    flat = [row for example in micro for row in example]
+    by_task = [[(p, tgt) for t, p, tgt in flat if t == task] for task in range(len(tasks))]
     pad_id = student.tokenizer.pad_id
-    opt_ours = torch.optim.AdamW(student.module.parameters(), lr=1e-5, fused=True)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5, fused=True)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
@@ -539,22 +559,44 @@ def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, 
         assert torch.allclose(ours_loss.float(), loss_theirs().float(), rtol=2e-2 if bf16 else 1e-4), name
     student.module.train(), theirs.train()
 
-    def step_ours() -> None:
-        loss, _ = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
-        loss.backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-
     def step_theirs() -> None:
         loss_theirs().backward()
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    lengths = {t.name: sorted(len(tgt) for task, _, tgt in micro if tasks[task] is t) for t in tasks}
+    lengths = {t.name: sorted(len(tgt) for task, _, tgt in flat if tasks[task] is t) for t in tasks}
     return Case(name, "examples/s", len(examples), step_ours, step_theirs, reps,
                 baseline=f"transformers {type(theirs).__name__}, one forward per task (the official implementation's way)",
-                shapes=dict(examples=len(examples), rows=len(micro), target_tokens=lengths,
-                            prompt_tokens=sum(len(p) for _, p, _ in micro)))
+                shapes=dict(examples=len(examples), rows=len(flat), target_tokens=lengths,
+                            prompt_tokens=sum(len(p) for _, p, _ in flat),
+                            slots=step_slots(student, micro)))
+
+
+def step_slots(student: train.Student, micro: list) -> int | None:
+    """Token slots a decoder-only step computes (shared prompts once, padding excluded); None for T5."""
+    if student.kind != "llama":
+        return None
+    batch = student.collate([[(p, tgt) for _, p, tgt in example] for example in micro])[0]
+    return int((batch["segment_ids"] >= 0).sum())
+
+
+def step_cost_case(name: str, dataset: str, config: dict, batch: int, reps: int, device: torch.device,
+                   bf16: bool) -> Case:
+    """What TinyLLM costs over fine-tuning for our decoder-only student: train.py's step on the same `batch` real
+    examples of `dataset` with the answer and both release rationales (ours) and with the answer alone
+    (fine-tuning, in the transformers column). The time ratio is entry["time_over_finetune"]."""
+    student, _ = job_student("llama", config, device, bf16)
+    text = release_text(dataset)
+    examples = text.train[:batch]
+    tasks = release_tasks(text, examples)
+    step_tinyllm, micro, _, _ = our_step(student, tasks, examples, device)
+    step_finetune, answer_micro, _, _ = our_step(student, tasks[:1], examples, device)
+    return Case(name, "examples/s", len(examples), step_tinyllm, step_finetune, reps,
+                baseline="our own fine-tuning step (L_A only) on the same examples",
+                shapes=dict(examples=len(examples), slots_tinyllm=step_slots(student, micro),
+                            slots_finetune=step_slots(student, answer_micro),
+                            prompt_tokens=sum(len(p) for example in answer_micro for _, p, _ in example)),
+                extra={"time_over_finetune": True})
 
 
 def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_new_tokens: int, reps: int,
@@ -567,7 +609,7 @@ def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     torch.manual_seed(0)
-    text = obqa_text()
+    text = release_text("obqa")
     tok = text.llama_tokenizer
     theirs = transformers_llama(config, device).to(dtype).eval()
     ours = ours_from(theirs, llama.Llama(llama.LlamaConfig.from_hf_config(config))).to(device, dtype).eval()
@@ -624,7 +666,7 @@ def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: i
     dtype = torch.bfloat16 if bf16_weights else torch.float32
     student, theirs = job_student(kind, config, device, bf16=False, dtype=dtype)
     student.module.eval(), theirs.eval()
-    questions = obqa_text().test[:n_questions]
+    questions = release_text("obqa").test[:n_questions]
     prompt_rows = [student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024) for ex in questions]
     options = [[student.encode_option(o) for o in ex.options] for ex in questions]
     chunks = [range(s, min(s + batch, n_questions)) for s in range(0, n_questions, batch)]
@@ -750,6 +792,10 @@ def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
         name = f"job: train.py tinyllm step, {label} student, {job_batch} OBQA examples, 2 teachers"
         plan.append(Plan(name, lambda name=name, kind=kind, config=config: tinyllm_job_case(
             name, kind, config, job_batch, reps(10, 2), device, native_bf16)))
+    for dataset in ("obqa", "pubmedqa"):
+        name = f"job: tinyllm step over fine-tuning step, {smol_label} student, {job_batch} {dataset} examples"
+        plan.append(Plan(name, lambda name=name, dataset=dataset: step_cost_case(
+            name, dataset, smol, job_batch, reps(10, 2), device, native_bf16)))
     for rows in rows_list:
         name = f"job: rationales, {smol_label} teacher, {n_text} OBQA prompts, {rows} rows, LLaMA-2 lengths"
         plan.append(Plan(name, lambda name=name, rows=rows: rationales_job_case(
@@ -816,6 +862,8 @@ def summarize(case: Case, timing: dict, device: torch.device, peaks: dict) -> li
         entry["same_tokens"] = bool(torch.equal(a.cpu(), b.cpu()))
     if "compare" in case.extra:  # the jobs: same rationales (fraction of rows), same option scores (bool)
         entry["same_output"] = case.extra["compare"]()
+    if case.extra.get("time_over_finetune"):  # both columns are ours: TinyLLM's step time / fine-tuning's
+        entry["time_over_finetune"] = 1 / entry["ratio"]
     entries.append(entry)
     if timing["peaks"]["ours"] and timing["peaks"]["theirs"]:
         mem = {who: max(timing["peaks"][who]) / 2**20 for who in ("ours", "theirs")}

@@ -51,7 +51,12 @@ def test_bench_json_has_one_entry_per_measurement(quick_run):
     # batch sizes; the jobs: train.py's TinyLLM step and rank scoring for both students, rationales at two sizes
     assert sum(e["name"].startswith("train ") for e in speed) == 1
     jobs = [e for e in speed if e["name"].startswith("job: ")]
-    assert [e["unit"] for e in jobs] == ["examples/s"] * 2 + ["rationales/s"] * 2 + ["examples/s"] * 2
+    assert [e["unit"] for e in jobs] == ["examples/s"] * 4 + ["rationales/s"] * 2 + ["examples/s"] * 2
+    # TinyLLM's step time over fine-tuning's, on OBQA and PubMedQA lengths: both columns are ours
+    cost = [e for e in jobs if "over fine-tuning" in e["name"]]
+    assert [e["name"].split()[-2] for e in cost] == ["obqa", "pubmedqa"]
+    assert all(math.isclose(e["time_over_finetune"], 1 / e["ratio"]) for e in cost), cost
+    assert all(e["shapes"]["slots_tinyllm"] > e["shapes"]["slots_finetune"] for e in cost), cost
     # the same rationales row for row (greedy, fp32, each row stopped at its length) and the same option scores
     assert all(e["same_output"] == 1.0 for e in jobs if "rank" in e["name"] or "rationales" in e["name"]), jobs
     generation = [e for e in speed if e["name"].startswith("generate ")]

@@ -286,3 +286,51 @@ def test_table_metric_columns_and_paired_rows(tmp_path):
     assert norm_rows[0] == "| TinyLLM − Fine-tune | +0.00 | [+0.00, +0.00] | 1 | 0 / 0 |"
     with pytest.raises(SystemExit, match="--metric='acc': expected one of"):
         evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path), metric="acc"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the study's pooled statistics, against direct computation on hand-made differences
+
+def test_stratified_bootstrap_keeps_each_dataset_whole():
+    """Each dataset is resampled within itself: with a constant difference inside each dataset every resample
+    has the same pooled mean, so the interval is that mean exactly (10 questions at +1, 30 at 0: 25 points);
+    resampling the 40 questions together would put it anywhere from 0 to 100."""
+    strata = [np.ones(10), np.zeros(30)]
+    assert evaluation.bootstrap_interval(strata, resamples=2000) == pytest.approx((25.0, 25.0))
+    low, high = evaluation.bootstrap_interval([np.concatenate(strata)], resamples=2000)
+    assert low < 20 and high > 30  # the unstratified interval of the same questions
+
+
+def test_stratified_bootstrap_matches_the_normal_interval():
+    """Large strata of seed-averaged differences: the percentile interval is the pooled mean ± 1.96 standard
+    errors, SE = sqrt(Σ_k n_k var_k) / N (the variance of a stratified mean), within a tenth of a point."""
+    rng = np.random.default_rng(1)
+    strata = [rng.choice([-1, -1 / 3, 0, 1 / 3, 1], size=n, p=p)
+              for n, p in ((1500, [.1, .2, .4, .2, .1]), (2500, [.05, .15, .4, .25, .15]))]
+    total = sum(len(d) for d in strata)
+    mean = sum(d.sum() for d in strata) / total
+    se = math.sqrt(sum(len(d) * d.var() for d in strata)) / total
+    low, high = evaluation.bootstrap_interval(strata, resamples=10_000)
+    assert low == pytest.approx(100 * (mean - 1.96 * se), abs=0.1)
+    assert high == pytest.approx(100 * (mean + 1.96 * se), abs=0.1)
+    # one stratum: the paired bootstrap of the table's comparisons, the same numbers
+    ours, base = rng.random(300) < 0.6, rng.random(300) < 0.5
+    diff, low1, high1 = evaluation.paired_bootstrap(list(ours), list(base), seed=3)
+    assert (low1, high1) == evaluation.bootstrap_interval([ours.astype(float) - base], seed=3)
+    assert diff == pytest.approx(100 * (ours.mean() - base.mean()))
+
+
+def test_sign_flip_p_against_every_sign_pattern_and_mcnemar():
+    """The permutation p of 12 hand-made differences equals the exact one over all 2^12 sign patterns (within
+    Monte Carlo error); with one seed (differences of ±1 and 0) it is the exact McNemar p."""
+    diff = np.array([1, 2 / 3, 1, -1 / 3, 1, 0, 1 / 3, 1, -2 / 3, 1, 2 / 3, 0])
+    patterns = np.array([[1 - 2 * ((k >> i) & 1) for i in range(len(diff))] for k in range(2 ** len(diff))])
+    exact = float((np.abs(patterns @ diff) >= abs(diff.sum()) - 1e-9).mean())
+    assert 0.005 < exact < 0.2  # a case where the answer is neither 0 nor 1
+    assert evaluation.sign_flip_p(diff, resamples=40_000) == pytest.approx(exact, abs=0.01)
+    ours = [True] * 14 + [False] * 4 + [True] * 30
+    base = [False] * 14 + [True] * 4 + [True] * 30
+    p, b, c = evaluation.mcnemar_exact(ours, base)
+    assert (b, c) == (14, 4)
+    flips = evaluation.sign_flip_p(np.array(ours, float) - np.array(base, float), resamples=40_000)
+    assert flips == pytest.approx(p, abs=0.006)
