@@ -431,7 +431,7 @@ def generation_case(name: str, baseline_class: str, theirs: nn.Module, static: b
 @dataclass
 class ReleaseText:
     train: list  # data.Example
-    rationales: list[tuple[str, str]]  # (FLAN-T5-xl, LLaMA-2) release rationale per train example
+    rationales: list[tuple[str, str]]  # (FLAN-T5-xl, LLaMA-2) release rationale per train example, "" if unusable
     test: list
     pool: list  # all of train: the in-context examples of the teacher prompts
     t5_tokenizer: object
@@ -460,8 +460,11 @@ def release_text(dataset: str = "obqa", n: int = 64) -> ReleaseText:
     data.download(dataset, folder, base_url=str(assets / "tinyllm_release"), rationales=True)
     pool = data.load_split(dataset, "train", folder)
     raws = data.load_release_rationales(dataset, "train", folder)
-    rationales = [prompts.parse_release(raw, ex) for raw, ex in zip(raws[:n], pool[:n])]
-    _RELEASE[dataset] = ReleaseText(pool[:n], [(flan, llama_ or "") for flan, llama_ in rationales],
+    # the targets train.py reads: cleaned as the cache records them, degenerate ones left out ("")
+    cleaned = [[prompts.clean_rationale(text or "") for text in prompts.parse_release(raw, ex)]
+               for raw, ex in zip(raws[:n], pool[:n])]
+    _RELEASE[dataset] = ReleaseText(pool[:n], [tuple("" if prompts.is_degenerate(t) else t for t in pair)
+                                               for pair in cleaned],
                                     data.load_split(dataset, "test", folder)[:n], pool,
                                     t5.Tokenizer(assets / "t5_tokenizer" / "spiece.model"),
                                     llama.Tokenizer(assets / "llama2_tokenizer"))
