@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -152,6 +153,24 @@ def range_server(body: bytes, seen: list):
     return serve
 
 
+STOP_AT_64K = """
+import os, sys, threading
+sys.path.insert(0, {repo!r})
+import requests, data
+iter_content = requests.models.Response.iter_content
+
+def stopping(self, *args, **kwargs):  # each chunk is written before the next is asked for
+    for chunk in iter_content(self, *args, **kwargs):
+        yield chunk
+        if os.path.getsize({part!r}) >= 1 << 16:
+            print("64k", flush=True)
+            threading.Event().wait()  # until SIGKILL
+
+requests.models.Response.iter_content = stopping
+data.fetch({rel!r}, {data!r}, {url!r})
+"""
+
+
 def test_resume_after_a_killed_download(serve_folder, release, tmp_path):
     rel = "arc/arc_train.json"
     body = (release / rel).read_bytes()
@@ -167,15 +186,16 @@ def test_resume_after_a_killed_download(serve_folder, release, tmp_path):
     server = serve_folder(release)
     server.hooks["/" + rel] = stall_halfway
     part = tmp_path / (rel + ".part")
-    child = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import data; "
-                              f"data.fetch({rel!r}, {str(tmp_path)!r}, {server.url!r})"])
+    script = STOP_AT_64K.format(repo=str(REPO), part=str(part), rel=rel, data=str(tmp_path), url=server.url)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (part.exists() and part.stat().st_size >= 1 << 16) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # an event, not a poll: the child says when 64 KiB are in the .part file, then waits to be killed
+        ready, _, _ = select.select([child.stdout], [], [], 60)
+        assert ready and child.stdout.readline() == b"64k\n", "the download never reached 64 KiB"
+    finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
-    finally:
+        child.stdout.close()
         release_stall.set()
     offset = part.stat().st_size
     assert 0 < offset < len(body) and not (tmp_path / rel).exists()

@@ -228,9 +228,24 @@ def test_pipeline_end_to_end_with_release_teachers(tiny_t5, assets, serve_folder
     assert "tasks answer, flan-t5-xl, llama-2" in out and "step 2/2 | answer" in out
     assert out.strip().splitlines()[-1].startswith(f"checkpoint: {run / 'best'}")
     out = cli(str(REPO / "eval.py"), f"--model={run / 'best'}", "--method=tinyllm", f"--out={run}",
-              "--max_new_tokens=8", *common)
+              "--max_new_tokens=8", "--scoring=rank,generate", *common)
     results = json.loads((run / "results.json").read_text())
-    assert results["test"]["n"] == 8 and results["valid"]["n"] == 8 and 0 <= results["test"]["accuracy"] <= 1
+    assert results["test"]["n"] == 8 and results["valid"]["n"] == 8
+    # each accuracy by hand from the predictions and the gold answers in the data: rank's (the first scoring, so
+    # `accuracy`) takes the option of highest summed log-likelihood, generate's parses the greedy text
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    counts = []
+    for split in ("valid", "test"):
+        gold = {ex.id: ex for ex in data.load_split("obqa", split, tmp_path / "data", limit=8)}
+        records = [r for r in predictions if r["split"] == split]
+        assert sorted(r["id"] for r in records) == sorted(gold)
+        ranked = sum(max(range(len(r["scores"])), key=r["scores"].__getitem__) == gold[r["id"]].answer for r in records)
+        generated = sum(prompts.parse_answer(r["output"], gold[r["id"]].options) == gold[r["id"]].answer
+                        for r in records)
+        assert results[split]["accuracy"] == results[split]["accuracy_sum"] == ranked / 8
+        assert results[split]["accuracy_generate"] == generated / 8
+        counts.append(ranked)
+    assert 0 < sum(counts) < 16, counts  # chance level on 16 questions: counts that a wrong one would miss
     assert out.strip().splitlines()[-1].startswith(f"results: {run / 'results.json'}")
     out = cli(str(REPO / "eval.py"), "table", "--dataset=obqa", f"--out={tmp_path / 'out'}")
     assert "| TinyLLM |" in out

@@ -221,12 +221,28 @@ def test_bf16_autocast_forward_and_generate(tmp_path, batch, device):
     assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
     budget = max(1.25 * rel_err(ref_bf16, fp32), 0.02)  # no more drift than transformers' own bf16
     assert rel_err(bf16, fp32) <= budget
-    assert out.shape[0] == 3 and out.shape[1] <= 10
+    assert_greedy(ref, inputs, out, slack=2 * (bf16.float() - fp32).abs().max().item())
     # A bf16 checkpoint (weights converted at load) also runs and stays as close.
     model16 = t5.T5.from_pretrained(folder, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
-        assert rel_err(model16(**on_device), fp32) <= budget
-    assert model16.generate(**inputs, max_new_tokens=10).shape[0] == 3
+        logits16 = model16(**on_device)
+        out16 = model16.generate(**inputs, max_new_tokens=10)
+    assert rel_err(logits16, fp32) <= budget
+    assert_greedy(ref, inputs, out16, slack=2 * (logits16.float() - fp32).abs().max().item())
+
+
+def assert_greedy(ref, inputs: dict[str, torch.Tensor], out: torch.Tensor, slack: float) -> None:
+    """`out` is a greedy decode by transformers' fp32 model, up to bf16 rounding: every token up to its row's
+    </s> has a logit within `slack` (twice the bf16 forward's largest error) of the best one, in one full
+    teacher-forced forward over the decoded tokens (no cache)."""
+    assert out.shape[0] == 3 and 1 <= out.shape[1] <= 10
+    with torch.no_grad():
+        decoder_input_ids = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # T5 starts at pad
+        logits = ref(**inputs, decoder_input_ids=decoder_input_ids).logits.float()
+    chosen = logits.gather(-1, out[..., None])[..., 0]
+    upto_eos = (out == 1).long().cumsum(1) - (out == 1).long() == 0  # positions up to and including </s>
+    gap = (logits.max(-1).values - chosen)[upto_eos]
+    assert gap.max().item() <= slack, (gap.max().item(), slack)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,11 +358,19 @@ def test_shift_right_and_cross_entropy(checkpoints):
 
 
 def test_training_path_backward(checkpoints, batch):
+    """Every parameter's gradient of the training loss equals transformers' (its labels= loss, same weights)."""
     model = t5.T5.from_pretrained(checkpoints["uneven_heads"]).train()
     labels = batch["decoder_input_ids"][:, 1:].masked_fill(batch["decoder_input_ids"][:, 1:] > 80, -100)
     logits = model(batch["input_ids"], batch["attention_mask"], t5.shift_right(labels))
-    t5.cross_entropy(logits, labels).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    loss = t5.cross_entropy(logits, labels)
+    loss.backward()
+    ref = transformers.T5ForConditionalGeneration.from_pretrained(checkpoints["uneven_heads"]).train()
+    ref_loss = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    expected = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, expected[name].grad) <= 1e-4, name
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -206,9 +207,10 @@ def test_release_piqa_has_no_llama2_rationales(tmp_path, release, monkeypatch, c
 
 # ---- server teachers against a loopback stub -----------------------------------------------------
 
-def reply(handler, status: int, body: bytes | dict, delay: float = 0.0) -> None:
-    if delay:
-        time.sleep(delay)
+def reply(handler, status: int, body: bytes | dict, hold: threading.Event | None = None) -> None:
+    """Answer; with `hold`, only once the test sets it (a server that hangs past the client's timeout)."""
+    if hold is not None:
+        hold.wait(60)
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     try:
         handler.send_response(status)
@@ -221,9 +223,12 @@ def reply(handler, status: int, body: bytes | dict, delay: float = 0.0) -> None:
 
 
 def openai_stub(server, path: str, answer):
-    """Hook `path`: answer(question, attempt, body) -> (status, body, delay); attempts counted per question."""
+    """Hook `path`: answer(question, attempt, body) -> (status, body, hold); attempts counted per question.
+    Every request body is kept in `bodies` for the test to check in its own thread: an assertion raised in
+    the handler's thread would only drop the connection (http.server swallows it)."""
     examples = data.load_split("obqa", "train", server.data_dir, limit=server.limit)
     attempts: dict[str, int] = {}
+    bodies: list[dict] = []
     lock = threading.Lock()
 
     def handle(handler):
@@ -231,12 +236,13 @@ def openai_stub(server, path: str, answer):
         prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
         question = next(e.question for e in examples if e.question in prompt)
         with lock:
+            bodies.append(body)
             attempts[question] = attempts.get(question, 0) + 1
-        reply(handler, *answer(examples.index(next(e for e in examples if e.question == question)),
-                               attempts[question], body))
+            attempt = attempts[question]
+        reply(handler, *answer(examples.index(next(e for e in examples if e.question == question)), attempt, body))
 
     server.hooks[path] = handle
-    return examples, attempts
+    return examples, attempts, bodies
 
 
 def chat(text, tokens: int = 7) -> dict:
@@ -247,25 +253,33 @@ def test_server_teacher_retries_records_errors_and_reruns_only_those(tmp_path, o
     server = serve_folder(tmp_path)
     server.data_dir, server.limit = obqa_data, 6
 
-    def answer(index: int, attempt: int, body: dict):
-        assert body["model"] == "stub/model-7B" and body["max_tokens"] == 16 and body["temperature"] == 0.0
-        if index == 1 and attempt == 1:
-            return 500, {"error": "overloaded"}, 0.0
-        if index == 2 and attempt <= 2:
-            return 429, {"error": "slow down"}, 0.0
-        if index == 3 and attempt == 1:
-            return 200, chat("too late"), 1.5  # hangs past the client's timeout
-        if index == 4 and attempt == 1:
-            return 200, b'{"choices": [', 0.0  # malformed JSON: not about the example, retried like a 5xx
-        if index == 5 and attempt == 1:
-            return 200, chat("   "), 0.0  # no text
-        return 200, chat(f"Rationale {index}. So the answer is ({'abcd'[examples[index].answer]})."), 0.0
+    hang = threading.Event()  # set only after the run: the request it holds can only end by the client's timeout
 
-    examples, attempts = openai_stub(server, "/v1/chat/completions", answer)
+    def answer(index: int, attempt: int, body: dict):
+        if index == 1 and attempt == 1:
+            return 500, {"error": "overloaded"}, None
+        if index == 2 and attempt <= 2:
+            return 429, {"error": "slow down"}, None
+        if index == 3 and attempt == 1:
+            return 200, chat("too late"), hang  # hangs past the client's timeout
+        if index == 4 and attempt == 1:
+            return 200, b'{"choices": [', None  # malformed JSON: not about the example, retried like a 5xx
+        if index == 5 and attempt == 1:
+            return 200, chat("   "), None  # no text
+        return 200, chat(f"Rationale {index}. So the answer is ({'abcd'[examples[index].answer]})."), None
+
+    examples, attempts, bodies = openai_stub(server, "/v1/chat/completions", answer)
+    # the timeout is far above what an immediate answer takes on a loaded machine: only the held request times out
     flags = ["--dataset=obqa", f"--teachers=srv=openai:{server.url}/v1#stub/model-7B", f"--data={obqa_data}",
-             f"--cache={tmp_path / 'cache'}", "--limit=6", "--k=0", "--max_new_tokens=16", "--timeout=0.5",
+             f"--cache={tmp_path / 'cache'}", "--limit=6", "--k=0", "--max_new_tokens=16", "--timeout=3",
              "--retries=3", "--backoff=0.01", "--concurrency=3"]
-    run(*flags)
+    try:
+        run(*flags)
+    finally:
+        hang.set()
+    assert len(bodies) == sum(attempts.values()) == 11
+    assert all(b["model"] == "stub/model-7B" and b["max_tokens"] == 16 and b["temperature"] == 0.0
+               for b in bodies), bodies
     cached = tinyllm.read_cache(tmp_path / "cache", "obqa", "srv")
     by_index = [cached[("train", e.id)] for e in examples]
     assert [r["rationale"] for r in by_index[:5]] == [f"Rationale {i}. So the answer is ({'abcd'[examples[i].answer]})."
@@ -288,14 +302,13 @@ def test_server_that_stays_down_ends_the_run_and_keeps_what_is_done(tmp_path, ob
     lock = threading.Lock()
 
     def answer(index: int, attempt: int, body: dict):
-        assert "prompt" in body and "messages" not in body  # openai-completions: the prompt as is
         with lock:
             state["up"] -= 1
             if state["up"] < 0:
-                return 503, {"error": "down"}, 0.0
-        return 200, {"choices": [{"text": f"Because {index}."}]}, 0.0
+                return 503, {"error": "down"}, None
+        return 200, {"choices": [{"text": f"Because {index}."}]}, None
 
-    examples, attempts = openai_stub(server, "/v1/completions", answer)
+    examples, attempts, bodies = openai_stub(server, "/v1/completions", answer)
     flags = ["--dataset=obqa", f"--teachers=srv=openai-completions:{server.url}#base", f"--data={obqa_data}",
              f"--cache={tmp_path / 'cache'}", "--limit=10", "--concurrency=1", "--batch_size=1", "--retries=2",
              "--backoff=0.01"]
@@ -304,6 +317,7 @@ def test_server_that_stays_down_ends_the_run_and_keeps_what_is_done(tmp_path, ob
         run(*flags)
     assert len(tinyllm.load_rationales(tmp_path / "cache", "obqa", "srv")) == 5
     assert sum(attempts.values()) == 5 + 3  # the queued requests were not sent once it gave up
+    assert len(bodies) == 8 and all("prompt" in b and "messages" not in b for b in bodies)  # the prompt as is
 
     state["up"] = 100
     run(*flags)
@@ -314,8 +328,8 @@ def test_server_that_stays_down_ends_the_run_and_keeps_what_is_done(tmp_path, ob
 def test_server_with_a_wrong_model_name_stops_at_once(tmp_path, obqa_data, serve_folder):
     server = serve_folder(tmp_path)
     server.data_dir, server.limit = obqa_data, 4
-    examples, attempts = openai_stub(server, "/v1/chat/completions",
-                                     lambda index, attempt, body: (404, {"error": "model not found"}, 0.0))
+    examples, attempts, _ = openai_stub(server, "/v1/chat/completions",
+                                        lambda index, attempt, body: (404, {"error": "model not found"}, None))
     with pytest.raises(SystemExit, match=r"answered HTTP 404 .*model not found.*check the URL, the model name 'nope'"):
         run("--dataset=obqa", f"--teachers=srv=openai:{server.url}/v1/#nope", f"--data={obqa_data}",
             f"--cache={tmp_path / 'cache'}", "--limit=4", "--concurrency=1")
@@ -455,6 +469,23 @@ def test_hub_missing_files_and_denied_access_are_clear_errors(hub):
 
 # ---- local teachers (t5.py / llama.py) on tiny random weights ------------------------------------
 
+STOP_AFTER_TWO_RECORDS = """
+import os, runpy, sys, threading
+real_fsync = os.fsync
+
+def fsync(fd):  # the cache writer's fsync: once two records are durable, say so and wait for SIGKILL
+    real_fsync(fd)
+    if os.path.exists({path!r}) and open({path!r}, "rb").read().count(b"\\n") >= 2:
+        print("two records", flush=True)
+        threading.Event().wait()
+
+os.fsync = fsync
+sys.argv = {argv!r}
+sys.path.insert(0, os.path.dirname({script!r}))  # as `python tinyllm.py` would
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
 def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5, capsys):
     """SIGKILL `rationales` mid-run, run it again: one record per example, the same rationales as a
     run that was never interrupted."""
@@ -472,21 +503,26 @@ def test_local_teacher_survives_a_real_kill(tmp_path, obqa_data, tiny_t5, capsys
 
     path = tinyllm.cache_file(tmp_path / "killed", "obqa", "tiny")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matrices: threads only add contention
-    process = subprocess.Popen([sys.executable, str(REPO / "tinyllm.py"), "rationales", *flags,
-                                f"--cache={tmp_path / 'killed'}"], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not (path.exists() and path.read_bytes().count(b"\n") >= 2):
-        assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()}"
-        assert time.monotonic() < deadline, "no record written within 60 s"
-        time.sleep(0.005)
+    script = tmp_path / "stops_after_two_records.py"
+    script.write_text(STOP_AFTER_TWO_RECORDS.format(path=str(path), script=str(REPO / "tinyllm.py"),
+                                                    argv=["tinyllm.py", "rationales", *flags,
+                                                          f"--cache={tmp_path / 'killed'}"]))
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    # an event, not a poll: the child says when its second record is on disk, then waits to be killed
+    ready, _, _ = select.select([process.stdout], [], [], 120)
+    assert ready and process.stdout.readline() == b"two records\n", \
+        f"run ended before it could be killed: {process.stderr.read().decode() if process.poll() is not None else ''}"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    process.stdout.close()
     process.stderr.close()
     written = path.read_bytes().count(b"\n")
     assert 2 <= written < n, written
 
+    capsys.readouterr()
     run(*flags, f"--cache={tmp_path / 'killed'}")
+    assert f"{written} cached, {n - written} to make" in capsys.readouterr().err  # only what the kill left undone
     records = lines(path)
     assert len(records) == n and len({r["id"] for r in records}) == n
     resumed = tinyllm.load_rationales(tmp_path / "killed", "obqa", "tiny")

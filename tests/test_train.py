@@ -235,18 +235,31 @@ def test_alpha_zero_for_every_teacher_equals_finetune(tiny_t5, tmp_path, data_di
 
 
 @pytest.mark.parametrize("method", ["tinyllm", "lora"])
-def test_resume_equals_uninterrupted(method, tiny_t5, tmp_path, data_dir, cache_dir):
+def test_resume_equals_uninterrupted(method, tiny_t5_dropout, tmp_path, data_dir, cache_dir):
+    """4 steps straight, or 3, then --resume=1 for the 4th, with dropout on: the same losses, the same weights,
+    AdamW moments and schedule at the end (the step after resuming depends on all three)."""
     # 1 example a step over 2: two steps an epoch, so the epoch permutation matters as well
-    flags = dict(method=method, limit=2, batch_size=1, epochs=2, lr=3e-2 if method == "lora" else 3e-3)
-    train.train(config(tiny_t5, tmp_path / "once", data_dir, cache_dir, **flags))
-    train.train(config(tiny_t5, tmp_path / "twice", data_dir, cache_dir, stop_at=3, **flags))
+    flags = dict(method=method, limit=2, batch_size=1, epochs=2, warmup_steps=2, lr=3e-2 if method == "lora" else 3e-3)
+    train.train(config(tiny_t5_dropout, tmp_path / "once", data_dir, cache_dir, **flags))
+    train.train(config(tiny_t5_dropout, tmp_path / "twice", data_dir, cache_dir, stop_at=3, **flags))
     assert len(loss_curve(tmp_path / "twice")) == 3
-    train.train(config(tiny_t5, tmp_path / "twice", data_dir, cache_dir, resume=1, **flags))
+    train.train(config(tiny_t5_dropout, tmp_path / "twice", data_dir, cache_dir, resume=1, **flags))
     once, twice = loss_curve(tmp_path / "once"), loss_curve(tmp_path / "twice")
     assert len(once) == len(twice) == 4
     for a, b in zip(once, twice):
         for task in a:
             assert abs(a[task] - b[task]) <= 1e-6, (task, once, twice)
+    weights = [checkpoint_tensors(tmp_path / run / "last") for run in ("once", "twice")]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert relative_error(weights[1][name], weights[0][name]) <= 1e-6, name
+    states = [torch.load(tmp_path / run / "last" / "trainer_state.pt", weights_only=True) for run in ("once", "twice")]
+    assert states[0]["scheduler"] == states[1]["scheduler"] and states[0]["scheduler"]["last_epoch"] == 4
+    moments = [state["optimizer"]["state"] for state in states]
+    assert moments[0].keys() == moments[1].keys() and moments[0]
+    for index in moments[0]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert relative_error(moments[1][index][key].float(), moments[0][index][key].float()) <= 1e-6, (index, key)
 
 
 def test_resume_refuses_a_changed_run(tiny_t5, tmp_path, data_dir, cache_dir):
@@ -598,3 +611,201 @@ def test_task_rows_share_the_tokens_of_the_shared_text(name, chat, assets, data_
             line = tokenizer.decode(row[len(shared_ids):])
             assert prompts.task_boundary(task) in line and "predict" not in line, line
         assert len(os.path.commonprefix(rows)) == len(shared_ids), ex.id
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop's promises, each against a hand computation through the public entry points (train.main,
+# train.train, build_tasks and the files a run writes). Optimizer steps are watched through torch's global
+# step hooks, so these tests see what AdamW was given, whatever the loop's internals are called.
+
+@pytest.fixture
+def optimizer_steps():
+    """Every optimizer step of the test, in order: the learning rate and weight decay AdamW used, and per
+    parameter (in parameters() order) its value before and after the step and its gradient (after clipping)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    steps: list[dict] = []
+
+    def params(optimizer) -> list[torch.Tensor]:
+        assert len(optimizer.param_groups) == 1, len(optimizer.param_groups)
+        return optimizer.param_groups[0]["params"]
+
+    def before(optimizer, args, kwargs):
+        group = optimizer.param_groups[0]
+        steps.append({"lr": group["lr"], "weight_decay": group["weight_decay"],
+                      "before": [p.detach().clone() for p in params(optimizer)],
+                      "grad": [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                               for p in params(optimizer)]})
+
+    def after(optimizer, args, kwargs):
+        steps[-1]["after"] = [p.detach().clone() for p in params(optimizer)]
+
+    handles = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
+    yield steps
+    for handle in handles:
+        handle.remove()
+
+
+def parameter_names(student_folder: Path) -> list[str]:
+    """The names of the student's trainable parameters, in the order AdamW holds them."""
+    student = train.load_student(str(student_folder), torch.device("cpu"), bf16=False)
+    return [name for name, p in student.module.named_parameters() if p.requires_grad]
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_alpha_weights_each_teachers_loss_end_to_end(tiny_t5, tmp_path, data_dir, cache_dir, optimizer_steps):
+    """Eq. 2 from the flag: `--alpha="t1=0.3 t2=2"` gives the step the gradient of L_A + 0.3 L_t1 + 2 L_t2, each
+    L the mean token cross-entropy of its task's rows, computed here with transformers' T5 from the texts."""
+    transformers = pytest.importorskip("transformers")
+    alpha = {"t1": 0.3, "t2": 2.0}
+    out = tmp_path / "run"
+    train.main([f"--student={tiny_t5}", f"--teachers={' '.join(TEACHERS)}", "--alpha=t1=0.3 t2=2", "--method=tinyllm",
+                f"--data={data_dir}", f"--cache={cache_dir}", f"--out={out}", f"--limit={LIMIT}",
+                f"--batch_size={LIMIT}", "--epochs=1", "--clip=0", "--bf16=0", "--log_every=1", "--max_new_tokens=4",
+                "--max_target_tokens=256"])
+    assert len(optimizer_steps) == 1
+    grads = dict(zip(parameter_names(tiny_t5), optimizer_steps[0]["grad"]))
+
+    # the reference: the rows written out by hand from the examples and the cache (t2's example 1 is degenerate)
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    cache = {t: {r["id"]: r for r in map(json.loads, (cache_dir / "obqa" / f"{t}.jsonl").read_text().splitlines())}
+             for t in TEACHERS}
+    tasks = {"answer": [(prompts.student_input(ex, prompts.ANSWER_PREFIX), ex.answer_text) for ex in examples]}
+    for t in TEACHERS:
+        tasks[t] = [(prompts.student_input(ex, prompts.teacher_prefix(t)), cache[t][ex.id]["rationale"])
+                    for ex in examples if not cache[t][ex.id]["degenerate"]]
+    assert [len(rows) for rows in tasks.values()] == [LIMIT, LIMIT, LIMIT - 1]
+    tokenizer = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False).tokenizer
+    reference = transformers.T5ForConditionalGeneration.from_pretrained(tiny_t5)
+    task_losses = {}
+    for name, rows in tasks.items():
+        input_ids = train.pad([tokenizer.encode(text) for text, _ in rows], 0)
+        mask = train.pad([[1] * len(tokenizer.encode(text)) for text, _ in rows], 0)
+        labels = train.pad([tokenizer.encode(target) for _, target in rows], -100)
+        task_losses[name] = reference(input_ids=input_ids, attention_mask=mask, labels=labels).loss  # token mean
+    (task_losses["answer"] + sum(alpha[t] * task_losses[t] for t in TEACHERS)).backward()
+    expected = dict(reference.named_parameters())
+    assert set(grads) <= set(expected)
+    for name, grad in grads.items():
+        assert relative_error(grad, expected[name].grad) <= 1e-4, name
+    logged = loss_curve(out)[0]  # the per-task losses themselves are unweighted
+    assert logged == pytest.approx({k: v.item() for k, v in task_losses.items()}, rel=1e-5)
+
+
+def test_best_is_the_step_with_the_highest_valid_accuracy(tiny_t5, tmp_path, data_dir, cache_dir, monkeypatch,
+                                                          optimizer_steps):
+    """RUN/best holds the weights of the step with the highest valid accuracy; a tie keeps the earlier step;
+    the test split is never read. Valid accuracy is scripted per evaluation through the answer parser."""
+    valid = data.load_split("obqa", "valid", data_dir, limit=LIMIT)
+    gold = {ex.options: ex.answer for ex in valid}
+    assert len(gold) == LIMIT
+    correct_per_eval = [1, 3, 2, 3, 0]  # of 4: best at step 2, tied at step 4
+    calls = []
+
+    def scripted(text, options):
+        evaluation, k = divmod(len(calls), LIMIT)
+        calls.append(text)
+        answer = gold[tuple(options)]
+        return answer if k < correct_per_eval[evaluation] else (answer + 1) % len(options)
+
+    fetched = []
+    real_fetch = data.fetch
+    monkeypatch.setattr(data, "fetch", lambda rel, *a, **k: fetched.append(rel) or real_fetch(rel, *a, **k))
+    monkeypatch.setattr(prompts, "parse_answer", scripted)
+    out = tmp_path / "run"
+    train.train(config(tiny_t5, out, data_dir, cache_dir, method="finetune", epochs=5, eval_every=1))
+    assert len(calls) == 5 * LIMIT
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["valid_accuracy"] for r in records if "valid_accuracy" in r] == [c / LIMIT for c in correct_per_eval]
+    summary = json.loads((out / "train.json").read_text())
+    assert (summary["best_step"], summary["best_valid_accuracy"]) == (2, 0.75)
+
+    names = parameter_names(tiny_t5)
+    best, last = checkpoint_tensors(out / "best"), checkpoint_tensors(out / "last")
+    assert len(optimizer_steps) == 5
+    for step, saved in [(2, best), (5, last)]:
+        weights = dict(zip(names, optimizer_steps[step - 1]["after"]))
+        assert set(saved) <= set(weights)
+        for name in saved:
+            assert torch.equal(saved[name], weights[name]), (step, name)
+    assert any(not torch.equal(best[name], last[name]) for name in best)
+    assert fetched and not [rel for rel in fetched if "test" in rel], fetched  # train and valid only
+
+
+def test_schedule_clipping_and_weight_decay_against_adamw_by_hand(tiny_t5, tmp_path, data_dir, cache_dir,
+                                                                  optimizer_steps):
+    """6 steps, 2 of warmup: the rate each step uses rises linearly to --lr, then falls linearly, reaching 0 after
+    the last step; gradients reach AdamW clipped to norm --clip; and every step is AdamW's update written out by
+    hand, weight decay included, from the gradients it was given."""
+    lr, weight_decay, clip, total = 1e-3, 0.5, 1e-2, 6
+    out = tmp_path / "run"
+    train.train(config(tiny_t5, out, data_dir, cache_dir, method="finetune", epochs=total, lr=lr, warmup_steps=2,
+                       weight_decay=weight_decay, clip=clip))
+    # step s (1-based) uses lr x min(s / warmup, (total - s + 1) / (total - warmup))
+    expected_lr = [lr * f for f in (1 / 2, 2 / 2, 4 / 4, 3 / 4, 2 / 4, 1 / 4)]
+    assert [s["lr"] for s in optimizer_steps] == pytest.approx(expected_lr, rel=1e-12)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if "lr" in r] == pytest.approx(expected_lr, rel=1e-12)  # as logged
+    state = torch.load(out / "last" / "trainer_state.pt", weights_only=True)
+    assert state["scheduler"]["_last_lr"] == [0.0]  # decayed to 0 at the end of the last step
+    beta1, beta2, eps = 0.9, 0.999, 1e-8  # AdamW's defaults
+    m = [torch.zeros_like(g) for g in optimizer_steps[0]["grad"]]
+    v = [torch.zeros_like(g) for g in optimizer_steps[0]["grad"]]
+    for k, (step, step_lr) in enumerate(zip(optimizer_steps, expected_lr), start=1):
+        norm = torch.cat([g.flatten() for g in step["grad"]]).norm().item()
+        assert norm == pytest.approx(clip, rel=1e-4), (k, norm)  # a random model's gradients are far larger
+        for i, (p, g, after) in enumerate(zip(step["before"], step["grad"], step["after"])):
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            update = (m[i] / (1 - beta1 ** k)) / ((v[i] / (1 - beta2 ** k)).sqrt() + eps)
+            expected = p * (1 - step_lr * weight_decay) - step_lr * update
+            assert relative_error(after - p, expected - p) <= 1e-3, (k, i)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dropout(tmp_path_factory, assets) -> Path:
+    from conftest import make_tiny_t5
+
+    return make_tiny_t5(tmp_path_factory.mktemp("tiny_t5_dropout"), assets / "t5_tokenizer" / "spiece.model",
+                        dropout_rate=0.1)
+
+
+def test_kd_falls_back_to_gold_where_the_teacher_states_no_usable_answer(data_dir, tmp_path, capsys):
+    """KD's answer target is the teacher's stated option; gold where it states none, one that is not an option
+    (out of range either way, or not an index), or has no record."""
+    examples = data.load_split("obqa", "train", data_dir, limit=6)
+    stated = [None, -1, len(examples[2].options), "b", (examples[4].answer + 1) % len(examples[4].options)]
+    (tmp_path / "obqa").mkdir()
+    with open(tmp_path / "obqa" / "t1.jsonl", "w") as f:
+        for ex, choice in zip(examples, stated):  # the sixth example has no record
+            f.write(json.dumps({"split": "train", "id": ex.id, "teacher": "t1", "source": "test", "prompt_sha256": "",
+                                "rationale": "Because.", "raw": "Because.", "settings": {}, "time": 0.0,
+                                "stated_answer": choice, "degenerate": False, "error": None}) + "\n")
+    cfg = config(Path("unused"), Path("unused"), data_dir, tmp_path, method="kd", teacher="t1", teachers="t1")
+    (answer,) = train.build_tasks(cfg, examples)
+    targets = [answer.targets[ex.id] for ex in examples]
+    gold = [ex.answer_text for ex in examples]
+    assert targets == gold[:4] + [examples[4].options[stated[4]]] + gold[5:]
+    assert "stated answer is the target for 1/6 examples (0 agree with gold)" in capsys.readouterr().out
+
+
+def test_a_step_where_a_task_has_no_target_tokens(tiny_t5, tmp_path, data_dir):
+    """Every one of t2's rationales is degenerate: its task has no tokens in any step. Its loss reads 0, and
+    the step is the one without t2 at all (DSS on t1: the same answer and t1 rows)."""
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    cache = write_cache(tmp_path / "cache", examples)
+    path = cache / "obqa" / "t2.jsonl"
+    path.write_text("".join(json.dumps({**json.loads(line), "degenerate": True}) + "\n"
+                            for line in path.read_text().splitlines()))
+    train.train(config(tiny_t5, tmp_path / "empty", data_dir, cache, epochs=2))
+    train.train(config(tiny_t5, tmp_path / "dss", data_dir, cache, epochs=2, method="dss", teacher="t1"))
+    empty, dss = loss_curve(tmp_path / "empty"), loss_curve(tmp_path / "dss")
+    assert [c["t2"] for c in empty] == [0.0, 0.0]
+    assert len(empty) == len(dss) == 2
+    for a, b in zip(empty, dss):
+        assert {k: a[k] for k in ("answer", "t1")} == pytest.approx(b, rel=1e-6)
