@@ -46,6 +46,7 @@ from train import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 @dataclass
 class EvalConfig:
+    """`python eval.py`: accuracy of a model on test and valid (exact match of its answer, or ranked options)."""
     dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     model: str = ""  # hub id or folder (a run's best/, the student for inference, a teacher)
     method: str = ""  # the row this is in the table: inference, finetune, kd, dss, lora, tinyllm, teacher
@@ -65,6 +66,7 @@ class EvalConfig:
 
 @dataclass
 class TableConfig:
+    """`python eval.py table`: Table 1 from every run's results.json, with Δ_FF, Δ_Distill and paired tests."""
     dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     out: str = "out"  # reads OUT/<dataset>/*/results.json, writes OUT/<dataset>/table.md
     metric: str = "accuracy"  # column(s), comma-separated: accuracy | accuracy_generate | accuracy_sum | accuracy_norm
@@ -569,6 +571,7 @@ def write_summary(root: Path, name: str, summary: dict, lines: list[str]) -> dic
 
 @dataclass
 class SweepConfig(ExperimentConfig):
+    """`python eval.py sweep`: TinyLLM once per combination of α over the teachers, the best chosen on valid."""
     alphas: str = "0.01 0.1 0.5 1 2 3"  # §4.1: the values of every α_m; the grid is their product over teachers
     sweep: str = ""  # an explicit grid instead, naming every teacher: "a=0.1,1 b=1,3"
 
@@ -638,6 +641,7 @@ def write_sweep(root: Path, summary: dict) -> dict:
 
 @dataclass
 class FractionsConfig(ExperimentConfig):
+    """`python eval.py fractions`: every method on nested fractions of the training set (Fig. 2)."""
     fractions: str = "0.125 0.25 0.5 0.75 1"  # Fig. 2: fractions of the training set (nested, per seed)
     methods: str = "tinyllm dss finetune"  # a curve each; dss once per teacher (dss-<teacher>), kd with the first
     alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
@@ -697,6 +701,7 @@ def write_fractions(root: Path, summary: dict) -> dict:
 
 @dataclass
 class AblationsConfig(ExperimentConfig):
+    """`python eval.py ablations`: Table 2, TinyLLM without each teacher, in-context examples, teacher forcing."""
     alpha: str = ""  # name=weight ... (default 1 each); a row without a teacher keeps the others' α
     rationales_args: str = ""  # extra `rationales` flags for the re-prompted caches (those CACHE was made with)
 
@@ -901,6 +906,7 @@ def draw_training(metrics: Path, root: Path) -> Path:
 
 @dataclass
 class ReportConfig:
+    """`python eval.py report`: OUT/<dataset>/report.md, every table and figure there with its command."""
     dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     out: str = "out"  # links what is under OUT/<dataset>/ in OUT/<dataset>/report.md
 
