@@ -154,13 +154,13 @@ table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEED
 
 # ---- the paper's experiments, one command each: resumable (a finished run, with results.json, is kept) -----
 sweep: $(STAMPS)/setup ## TinyLLM for every α combination of ALPHAS (or SWEEP), best on valid (§4.1, Fig. 3)
-	$(PY) tinyllm.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
+	$(PY) eval.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
 
 fractions: $(STAMPS)/setup ## METHODS on FRACTIONS of the training set: the Fig. 2 curve and table
-	$(PY) tinyllm.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(METHODS)" --alpha="$(ALPHA)" $(ARGS)
+	$(PY) eval.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(METHODS)" --alpha="$(ALPHA)" $(ARGS)
 
 ablations: $(STAMPS)/setup ## Table 2: without each teacher, without in-context examples / teacher forcing
-	$(PY) tinyllm.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
+	$(PY) eval.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
 
 report: $(STAMPS)/setup ## OUT/DATASET/report.md: every table and figure there, with the commands that made them
 	$(PY) eval.py report --dataset=$(DATASET) --out=$(OUT)

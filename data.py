@@ -1,5 +1,6 @@
-"""The six benchmarks of TinyLLM (Tian et al., arXiv 2402.04616, §4.1) with the paper's own splits.
+"""Ground floor: what every script reads in (datasets, checkpoints) and shares (flags, errors, files, devices).
 
+Datasets: the six benchmarks of TinyLLM (Tian et al., arXiv 2402.04616, §4.1) with the paper's own splits.
 The files are the ones released with the paper: repository YikunHan42/TinyLLM at commit
 9f5bebec8b22037f80ffa8d17bfeb01a2a524a3b, folder `datasets/` (the distilling-step-by-step layout):
 
@@ -21,12 +22,26 @@ we can see (HTTP status, a body shorter than its Content-Length, a checksum mism
 the URL and removes the .part. A .part left by a killed process is resumed with an HTTP Range request; if
 the server answers 200 instead of 206, or the resumed file fails its checksum, it is fetched again from
 byte 0 (once). Files already present and verified are never fetched again.
+
+Checkpoints: a local folder, or a hub id `org/name[@revision]` downloaded once (the Hugging Face hub's file
+layout `/{repo}/resolve/{revision}/{file}`), loaded with t5.py or llama.py by config.json's model_type.
+
+Shared by every script (tinyllm.py, train.py, eval.py, tests/bench.py), so that none imports another for
+it: `--key=value` flags checked against a config dataclass and `--help` read from its source (parse_flags),
+one error handler (run_main: UserError, out of memory, a full disk, Ctrl-C), progress lines (Progress),
+files written whole or not at all (atomic_write), and the device and torchrun rank (setup_distributed).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
+import difflib
+import errno
 import fcntl
 import hashlib
+import inspect
+import io
 import json
 import logging
 import os
@@ -34,6 +49,9 @@ import re
 import shutil
 import sys
 import time
+import tokenize
+import traceback
+import typing
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -42,6 +60,12 @@ from pathlib import Path
 from typing import ClassVar, TextIO
 
 import requests
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import llama
+import t5
 
 log = logging.getLogger("tinyllm.data")
 
@@ -154,12 +178,12 @@ LOCK_NAME = ".download.lock"  # in the data folder: serialises downloads between
 
 
 # ----------------------------------------------------------------------------- errors, interrupts, progress
-# Shared by every script (this is the lowest module they all import); tinyllm.run_main is the handler.
+# Shared by every script; run_main (below) is the handler.
 
 class UserError(SystemExit):
     """An expected failure, caused by the user's input or environment (a flag, a file, a server, the
     disk), never by a bug: the message names the culprit and, where there is one, the fix (the flag,
-    variable or command). Each script's entry point (tinyllm.run_main) prints it as one block without
+    variable or command). Each script's entry point (run_main) prints it as one block without
     a traceback (`--debug=1` or TINYLLM_DEBUG=1 adds it); anything else is a bug and keeps its traceback.
 
     A SystemExit rather than an Exception on purpose: (1) `raise SystemExit(message)`, Python's own
@@ -266,6 +290,35 @@ class Progress:
             Progress.open_line = False
 
 
+# ----------------------------------------------------------------------------- files: written whole or not at all
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list, so that a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, content: bytes | str) -> None:
+    """Temp file in the same folder + fsync + os.replace: readers see the old file or the new one (text
+    is written as UTF-8). Every file of the project is written so (the model files keep their own copy)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:  # a full disk, Ctrl-C: no temp file left behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)
+        raise
+    fsync_path(path.parent)
+
+
 @dataclass(frozen=True)
 class Example:
     id: str
@@ -343,7 +396,7 @@ def http_download(url: str, part: Path, what: str,
     """Stream `url` into `part`, resuming a leftover `part` with a Range request. Returns (whether the
     bytes already in `part` were kept, the response headers). Raises DownloadError naming `what` and
     the URL (_NotFound for a 404); `part` keeps what arrived, so a later call resumes it. Shared by the
-    dataset files here and the hub checkpoints in tinyllm.py."""
+    dataset files and the hub checkpoints (download_file, below)."""
     offset = part.stat().st_size if part.exists() else 0
     # identity: Content-Length and Range must count the bytes we store, not gzip-compressed ones
     headers = {"Accept-Encoding": "identity"}
@@ -628,3 +681,358 @@ def load_release_rationales(dataset: str, split: str, data_dir: str | Path = "da
         raise UserError(f"{dataset}/llm/{split}_CoT_*.json hold {len(raws)} rationales but the {split} "
                         f"split has {n} examples: they must align by position")
     return raws
+
+
+# ----------------------------------------------------------------------------- checkpoints: hub download and loading
+
+HUB_ID = re.compile(r"^([\w.-]+)/([\w.-]+)(?:@([\w.-]+))?$")
+HUB_CONFIG = "config.json"
+HUB_OPTIONAL = ("generation_config.json", "spiece.model", "tokenizer.model", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json")
+DOWNLOAD_ATTEMPTS = 4
+
+
+def tinyllm_home() -> Path:
+    return Path(os.environ.get("TINYLLM_HOME") or Path.home() / ".cache" / "tinyllm")
+
+
+def resolve_model(source: str) -> Path:
+    """A local folder as is; a hub id `org/name[@revision]` (revision default `main`) is downloaded
+    once, with requests, from HF_ENDPOINT (default https://huggingface.co) with HF_TOKEN, into
+    $TINYLLM_HOME/hub/<org>--<name>/<revision>/ and read from there afterwards, offline."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    match = HUB_ID.match(source)
+    if match is None:
+        raise UserError(f"model {source!r}: not a folder, and not a hub id org/name[@revision]")
+    org, name, revision = match.group(1), match.group(2), match.group(3) or "main"
+    folder = tinyllm_home() / "hub" / f"{org}--{name}" / revision
+    if (folder / ".complete").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks asking for the same model: one downloads
+        if not (folder / ".complete").exists():
+            download_snapshot(f"{org}/{name}", revision, folder)
+    return folder
+
+
+def download_snapshot(repo: str, revision: str, folder: Path) -> None:
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    session = requests.Session()
+    if os.environ.get("HF_TOKEN"):
+        # requests drops this header on a redirect to another host (the hub's CDN), as it should
+        session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    what = f"{repo}@{revision}"
+
+    def fetch(filename: str, required: bool) -> bool:
+        url = f"{endpoint}/{repo}/resolve/{revision}/{filename}"
+        return download_file(session, url, folder / filename, required, what)
+
+    fetch(HUB_CONFIG, required=True)
+    for filename in HUB_OPTIONAL:
+        fetch(filename, required=False)
+    if not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"{what}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)}) on {endpoint}")
+    if fetch("model.safetensors.index.json", required=False):
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+        if not shards or bad:
+            raise UserError(f"{what}: model.safetensors.index.json has a bad weight_map (shards {bad or shards})")
+        for shard in shards:
+            fetch(shard, required=True)
+    elif not fetch("model.safetensors", required=False):
+        raise UserError(f"{what}: neither model.safetensors nor model.safetensors.index.json on "
+                        f"{endpoint} (only safetensors checkpoints are read)")
+    atomic_write(folder / ".complete", json.dumps({"repo": repo, "revision": revision,
+                                                   "endpoint": endpoint}).encode())
+
+
+def expected_sha256(headers: Mapping[str, str]) -> str | None:
+    """The hub sends the sha256 of large (LFS) files as X-Linked-Etag / ETag."""
+    for key in ("X-Linked-Etag", "ETag"):
+        value = headers.get(key, "").removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", value):
+            return value
+    return None
+
+
+def download_file(session: requests.Session, url: str, dest: Path, required: bool, what: str) -> bool:
+    """`url` into `dest` through http_download (a `.part` file resumed with Range requests);
+    os.replace makes the file appear only when complete. Connection errors, truncated bodies and 5xx
+    are retried, resuming where the last attempt stopped. False for a 404 on an optional file."""
+    if dest.exists():  # an interrupted snapshot: files that exist are complete
+        return True
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+        try:
+            _, headers = http_download(url, part, f"{what}: {dest.name}", session)
+        except DownloadError as e:
+            if e.status == 404:
+                if not required:
+                    return False
+                raise UserError(f"{what}: {dest.name} not found (404 from {url}); check the model id "
+                                f"(and HF_ENDPOINT)") from e
+            if e.status in (401, 403):
+                raise UserError(f"{what}: access denied ({e.status} from {url}); gated or private "
+                                "models need HF_TOKEN set to a token with access") from e
+            problem = str(e)
+            continue
+        sha256 = expected_sha256(headers)
+        if sha256 is not None and file_sha256(part) != sha256:
+            part.unlink()
+            raise UserError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
+        os.replace(part, dest)
+        fsync_path(dest.parent)
+        return True
+    raise UserError(f"{what}: download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {problem}")
+
+
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32,
+               device: str = "cpu") -> tuple[nn.Module, object, str]:
+    """(model, tokenizer, kind) for a hub id or folder: kind "t5" (t5.py) when config.json's
+    model_type is t5, else "llama" (llama.py, which names the decoder-only types it reads); never
+    guessed from the name."""
+    folder = resolve_model(source)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise UserError(f"model {source!r}: {config_path} not found (not a Hugging Face model folder)")
+    # t5.py and llama.py import nothing of ours and raise ValueError / FileNotFoundError about the
+    # folder (its config, weights, keys, shapes, tokenizer): here, where the user's model enters,
+    # they become UserErrors.
+    try:
+        kind = "t5" if json.loads(config_path.read_text()).get("model_type") == "t5" else "llama"
+        model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
+        model = model_cls.from_pretrained(folder, dtype=dtype, device=device)
+    except ValueError as e:  # config values, keys, shapes
+        raise UserError(f"{config_path}: {e}") from e
+    except FileNotFoundError as e:  # no weights, a missing shard
+        raise UserError(f"model {source!r}: {e}") from e
+    try:
+        tokenizer = tokenizer_cls.from_pretrained(folder)
+    except ImportError as e:  # tokenizer.json needs the optional `tokenizers`; the message says how
+        raise UserError(f"model {source!r}: {e}") from e
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(f"model {source!r}: no usable tokenizer: {e}; a checkpoint folder needs the tokenizer "
+                        f"files of the model it was trained from (spiece.model, tokenizer.model or tokenizer.json)"
+                        ) from e
+    return model, tokenizer, kind
+
+
+# ----------------------------------------------------------------------------- devices and torchrun ranks
+
+def resolve_device(device: str) -> str:
+    """--device: "auto" (or empty) is CUDA when there is one, else the CPU."""
+    if device in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError as e:  # torch's own list of device types
+        raise UserError(f"--device={device}: not a device ({e}); use auto, cpu or cuda (DEVICE= for make)") from e
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={device}: CUDA is not available on this machine (DEVICE=cpu)")
+    return device
+
+
+def setup_distributed(device_flag: str, backend: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process: one process, or one rank of torchrun (RANK, WORLD_SIZE,
+    LOCAL_RANK), which takes GPU LOCAL_RANK and joins the process group (NCCL on CUDA, gloo on the CPU, or
+    `backend`). Without torchrun's rendezvous (no MASTER_ADDR) a rank runs alone, as its RANK says."""
+    device = torch.device(resolve_device(device_flag))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if "MASTER_ADDR" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------- command line: flags, --help, errors
+# Every script (tinyllm.py, train.py, eval.py, tests/bench.py) reads its flags with parse_flags and
+# runs under run_main: one flag syntax, one --help, one way errors and Ctrl-C are reported.
+
+GLOBAL_FLAGS = {"debug": "1: the traceback of expected errors too (or TINYLLM_DEBUG=1)",
+                "help": "this list"}
+
+
+def parse_bool(key: str, value: str) -> bool:
+    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise UserError(f"--{key}={value}: expected bool (1/0, true/false, yes/no)")
+    return value.lower() in ("1", "true", "yes")
+
+
+def source_fields(cls: type) -> tuple[str, dict[str, tuple[str, str]]]:
+    """(docstring, {field: (heading, comment)}) of one class body, from its source: the comment on a
+    field's line (continued on comment lines that start with "#  "), and a comment on a line of its own
+    as the heading of the fields below it."""
+    source = inspect.getsource(cls)
+    indent = len(source) - len(source.lstrip())
+    source = "\n".join(line[indent:] for line in source.splitlines())
+    comments = {token.start[0]: token.string
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+
+    def own_line(number: int) -> bool:
+        return number in comments and lines[number - 1].lstrip().startswith("#")
+
+    node = ast.parse(source).body[0]
+    assert isinstance(node, ast.ClassDef), cls
+    fields, heading = {}, ""
+    for statement in node.body:
+        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+            continue
+        above = statement.lineno - 1  # a heading comment sits on the line just above its first field
+        if own_line(above) and not comments[above].startswith("#  "):
+            heading = comments[above].lstrip("#").strip()
+        comment = [comments.get(statement.end_lineno, "")]
+        below = statement.end_lineno + 1
+        while own_line(below) and comments[below].startswith("#  "):
+            comment.append(comments[below])
+            below += 1
+        fields[statement.target.id] = (heading, " ".join(c.lstrip("#").strip() for c in comment).strip())
+    return ast.get_docstring(node) or "", fields
+
+
+def config_fields(config_cls: type) -> tuple[str, list[tuple[str, str, str, str, str]]]:
+    """(the class docstring, [(heading, name, type, default, comment)]) of a config dataclass, every
+    field in dataclasses.fields order, inherited ones included: what --help shows, read from the
+    source so that it says what the code says."""
+    described: dict[str, tuple[str, str]] = {}
+    for cls in reversed(config_cls.__mro__):  # a subclass's comment wins over its base's
+        if dataclasses.is_dataclass(cls):
+            described.update(source_fields(cls)[1])
+    types = typing.get_type_hints(config_cls)
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((*described[f.name][:1], f.name, types[f.name].__name__, str(default), described[f.name][1]))
+    return source_fields(config_cls)[0], rows
+
+
+def script_of(config_cls: type, command: str) -> str:
+    """How the user runs the script `config_cls` belongs to: `tinyllm.py rationales`, `train.py`, ..."""
+    module = config_cls.__module__
+    script = sys.argv[0] if module == "__main__" else f"{module}.py"
+    return f"{script} {command}" if command else script
+
+
+def flags_help(config_cls: type, command: str = "") -> str:
+    doc, rows = config_fields(config_cls)
+    if not doc:  # a config without a docstring: the script's own one-line summary
+        module_doc = sys.modules[config_cls.__module__].__doc__ or ""
+        doc = module_doc.strip().split("\n\n")[0].replace("\n", " ")
+    shown = [(heading, f"--{name}={shell_quote(default)}", kind, comment) for heading, name, kind, default, comment in rows]
+    shown += [("every script", f"--{name}" + ("=0" if name == "debug" else ""), "bool" if name == "debug" else "",
+               comment) for name, comment in GLOBAL_FLAGS.items()]
+    width = min(max(len(flag) for _, flag, _, _ in shown), 36)
+    lines = [f"usage: python {script_of(config_cls, command)} [--key=value ...]", doc, "",
+             "flags (type, then what it is; --key= with no value keeps the default):"]
+    previous = ""
+    for heading, flag, kind, comment in shown:
+        if heading != previous:
+            lines.append(f" {heading}:")
+            previous = heading
+        lines.append(f"  {flag:<{width}}  {kind:<5}  {comment}".rstrip())
+    return "\n".join(lines)
+
+
+def shell_quote(value: str) -> str:
+    return f'"{value}"' if not value or " " in value else value
+
+
+ConfigT = typing.TypeVar("ConfigT")  # a script's config dataclass
+
+
+def parse_flags(config_cls: type[ConfigT], args: list[str], command: str = "") -> ConfigT:
+    """`--key=value` overrides of a config dataclass, converted to and checked against its field
+    types. An empty value keeps the default (the Makefile passes unset variables as empty). --help
+    prints every field from the dataclass source and exits; --debug is run_main's."""
+    if any(arg in ("--help", "-h", "help") for arg in args):
+        print(flags_help(config_cls, command))
+        raise SystemExit(0)
+    types = typing.get_type_hints(config_cls)
+    values = {}
+    for arg in args:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise UserError(f"argument {arg!r}: flags are --key=value (--help lists them)")
+        if key == "debug":  # read by run_main before the script starts; checked here like any flag
+            parse_bool(key, value or "0")
+            continue
+        if key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
+            raise UserError(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
+                            + f"; `python {script_of(config_cls, command)} --help` lists every flag")
+        if value == "":
+            continue
+        kind = types[key]
+        if kind is bool:
+            values[key] = parse_bool(key, value)
+            continue
+        try:
+            values[key] = kind(value)
+        except ValueError:
+            raise UserError(f"--{key}={value}: expected {kind.__name__}") from None
+    return config_cls(**values)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    flags = [arg.partition("=")[2] for arg in argv if arg.startswith("--debug=")]
+    value = flags[-1] if flags else os.environ.get("TINYLLM_DEBUG", "0")
+    return value.lower() in ("1", "true", "yes")
+
+
+def expected_failure(error: BaseException, memory_hint: str) -> str | None:
+    """The message of an expected failure, None for a bug. Expected: a UserError (or any
+    SystemExit with a message, Python's idiom for the same), running out of memory, a full disk."""
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, str) else None
+    text = str(error)
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(error, RuntimeError) and "can't allocate memory" in text):  # the CPU allocator's words
+        asked = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
+        size = (format_bytes(int(asked.group(1))) if asked.group(1).isdigit() else asked.group(1)) if asked else ""
+        return f"out of memory{f' (tried to allocate {size})' if size else ''}: {memory_hint}"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {error.filename}" if error.filename else ""
+        return (f"no space left on the disk{where}: free some space, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) "
+                "at a disk with room; files written completely are kept, no partial one is left")
+    return None
+
+
+def run_main(main: Callable[[list[str]], object], memory_hint: str) -> None:
+    """Run a script's main(argv) as its `if __name__ == "__main__":` line: an expected failure
+    (expected_failure) prints one `error: ...` block and exits 1, with the traceback first under
+    --debug=1 / TINYLLM_DEBUG=1; Ctrl-C prints one line saying what was kept (interrupt_note) and
+    exits 130 (128 + SIGINT, as a shell reports it); a bug keeps Python's traceback. `memory_hint`
+    names the flags that lower the memory this script needs."""
+    argv = sys.argv[1:]
+    debug = debug_requested(argv)
+    try:
+        main(argv)
+    except KeyboardInterrupt as interrupt:
+        Progress.end_line()
+        if debug:
+            traceback.print_exc()
+        print(f"interrupted: {getattr(interrupt, 'kept', 'nothing was in progress')}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except BaseException as error:
+        Progress.end_line()
+        message = expected_failure(error, memory_hint)
+        if message is None:
+            raise  # a bug (or a plain exit): Python prints the traceback
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

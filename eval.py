@@ -1,7 +1,10 @@
-"""Accuracy of a student (or any model) on test and valid, and the paper's Table 1 from the results.
+"""Top floor: results, evaluation of a model, the paper's tables and figures, and the experiments that fill them.
 
     python eval.py --dataset=obqa --model=out/obqa/tinyllm/best --method=tinyllm --data=data --out=out/obqa/tinyllm
     python eval.py table --dataset=obqa --out=out
+    python eval.py sweep --dataset=obqa --alphas="0.01 0.1 0.5 1 2 3"      # α per teacher (§4.1, Fig. 3)
+    python eval.py fractions --dataset=obqa --methods="tinyllm dss finetune"  # less training data (Fig. 2)
+    python eval.py ablations --dataset=obqa                                 # Table 2's rows
     python eval.py report --dataset=obqa --out=out   # OUT/obqa/report.md: every table and figure, with its command
 
 Answers are generated greedily from the answer prompt (p_A ⊕ question ⊕ options) and mapped to an
@@ -16,9 +19,13 @@ of seed<N>/ run folders; tables show it as the mean ± the sample standard devia
 """
 from __future__ import annotations
 
+import dataclasses
+import io
+import itertools
 import json
 import math
-import os
+import re
+import shlex
 import statistics
 import time
 import typing
@@ -30,13 +37,16 @@ import numpy as np
 import torch
 
 import data
-from tinyllm import (Progress, UserError, atomic_write, format_seconds, interrupt_note, number, parse_flags,
-                     resolve_device, run_main)
+import tinyllm
+import train
+from data import (ConfigT, Progress, UserError, atomic_write, format_seconds, interrupt_note, parse_flags,
+                  resolve_device, run_main)
 from train import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 
 @dataclass
 class EvalConfig:
+    """`python eval.py`: accuracy of a model on test and valid (exact match of its answer, or ranked options)."""
     dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     model: str = ""  # hub id or folder (a run's best/, the student for inference, a teacher)
     method: str = ""  # the row this is in the table: inference, finetune, kd, dss, lora, tinyllm, teacher
@@ -57,16 +67,12 @@ class EvalConfig:
 
 @dataclass
 class TableConfig:
+    """`python eval.py table`: Table 1 from every run's results.json, with Δ_FF, Δ_Distill and paired tests."""
     dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     out: str = "out"  # reads OUT/<dataset>/*/results.json, writes OUT/<dataset>/table.md
     metric: str = "accuracy"  # column(s), comma-separated: accuracy | accuracy_generate | accuracy_sum | accuracy_norm
     resamples: int = 10000  # paired bootstrap resamples of the test questions
     seed: int = 0  # of the bootstrap
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one (tinyllm.atomic_write: temp file, fsync, rename)."""
-    atomic_write(path, text.encode("utf-8"))
 
 
 METRICS = {"accuracy_generate": "correct_generate", "accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm"}
@@ -112,8 +118,8 @@ def evaluate(cfg: EvalConfig) -> dict:
               + f" (n={len(records)}) {cfg.model}", flush=True)
     results.update(model=cfg.model, method=cfg.method, dataset=cfg.dataset, scoring=cfg.scoring,
                    format=student.input_format(), eval_seconds=round(time.perf_counter() - start, 1))
-    write_atomic(out / "predictions.jsonl", "".join(line + "\n" for line in lines))
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "predictions.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     print(f"results: {out / 'results.json'} (predictions: {out / 'predictions.jsonl'})")
     return results
 
@@ -360,15 +366,200 @@ def seeds_note(runs: list[Run]) -> str:
 def write_table(cfg: TableConfig, text: str) -> None:
     """Table 1 beside its runs, for `make report`: OUT/<dataset>/table.md and its bar chart table.png."""
     root = Path(cfg.out) / cfg.dataset
-    write_atomic(root / "table.md", text + "\n")
+    atomic_write(root / "table.md", text + "\n")
     metric = cfg.metric.split(",")[0].strip()
     draw("table", root / "table.png", lambda fig: plot_table(fig, read_results(Path(cfg.out), cfg.dataset),
                                                             metric, cfg.dataset))
 
 
 # ---------------------------------------------------------------------------------------------------
-# The experiments of tinyllm.py (sweep, fractions, ablations): each row scored from its run folder(s), the
-# table printed, and OUT/<dataset>/<experiment>.json (every row), .md (the table) and .png written
+# The paper's experiments: the α sweep (§4.1, Fig. 3), training fractions (Fig. 2), ablations (Table 2).
+# Every row of an experiment is an ordinary run folder (train.py's best/, last/, metrics.jsonl, train.json;
+# eval.py's results.json, predictions.jsonl), or with --seeds one seed<N>/ run folder per seed. The runs go
+# in this process, one after the other, through train.train and evaluate with the configs `make train eval`
+# would build: no Python start and torch import per run (longer than a tiny run itself), and a failing run
+# stops the experiment with its own message. Resumable: a run with results.json is done and never redone,
+# one with train.json (training ended) is only evaluated, one with last/ continues from it (train.py
+# --resume), so a killed experiment, started again, does what is missing. Then each row is scored from its
+# run folder(s), the table printed, and OUT/<dataset>/<experiment>.json (every row), .md (the table) and
+# .png (the figure) written.
+#
+# An experiment is a config (ExperimentConfig and its own flags), a function that adds its rows to an
+# Experiment, runs them and writes its table (write_<name>), a line in EXPERIMENTS, and its figure
+# (draw_summary) and section of the report (SECTIONS).
+
+@dataclass
+class ExperimentConfig:
+    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    student: str = "google/flan-t5-small"  # hub id or folder
+    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
+    data: str = "data"  # the datasets' folder
+    cache: str = "cache"  # the rationale cache (`make rationales`)
+    out: str = "out"  # rows in OUT/<dataset>/<experiment>/, the summary in OUT/<dataset>/<experiment>.json
+    limit: int = 0  # first N examples of each split (0 = all)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    seeds: str = ""  # "0 1 2": every row once per seed, in <row>/seed<N>/, reported as mean ± std ("" = once)
+    metric: str = "accuracy"  # the results.json number compared (and selected on, by the sweep)
+    train_args: str = ""  # extra train.py flags for every run, e.g. "--epochs=3 --lr=1e-4"
+    eval_args: str = ""  # extra eval.py flags for every run (decoding follows train.py's validation unless set)
+
+
+def format_number(value: float) -> str:
+    """1.0 -> "1", 0.125 -> "0.125": α and fractions as folder names and table cells write them."""
+    return f"{value:.10g}"
+
+
+def parse_numbers(text: str, what: str, allowed: typing.Callable[[float], bool], rule: str) -> list[float]:
+    """"0.1 1,3" -> [0.1, 1.0, 3.0]: space or comma separated, each value once, each `allowed`."""
+    values: list[float] = []
+    for item in re.split(r"[,\s]+", text.strip()):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise UserError(f"{what}: {item!r} is not a number") from None
+        if math.isnan(value) or not allowed(value):
+            raise UserError(f"{what}: {item} is not {rule}")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise UserError(f"{what}: no value given")
+    return values
+
+
+def parse_seeds(seeds: str) -> list[int | None]:
+    """--seeds="0 1 2" -> [0, 1, 2]; "" -> [None]: each row once, in its folder itself, at train.py's --seed."""
+    try:
+        values = [int(item) for item in re.split(r"[,\s]+", seeds.strip()) if item]
+    except ValueError:
+        raise UserError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\"") from None
+    if len(set(values)) != len(values):
+        raise UserError(f"--seeds={seeds!r}: a seed appears twice")
+    return values or [None]
+
+
+def with_flags(config: ConfigT, args: str, what: str, fixed: set[str]) -> ConfigT:
+    """`config` with the --key=value flags in `args` applied (type-checked by parse_flags). The keys in
+    `fixed` are set by the experiment itself, per row, and refused here."""
+    tokens = shlex.split(args)
+    parsed = parse_flags(type(config), tokens)
+    keys = [token.removeprefix("--").partition("=")[0] for token in tokens]
+    taken = sorted(set(keys) & fixed)
+    if taken:
+        raise UserError(f"{what}: --{taken[0]} is set by the experiment itself ({', '.join(sorted(fixed))})")
+    return dataclasses.replace(config, **{key: getattr(parsed, key) for key in keys})
+
+
+def check_experiment(cfg: ExperimentConfig) -> None:
+    if cfg.dataset not in data.DATASETS:
+        raise UserError(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
+    if cfg.metric not in METRIC_NAMES:
+        raise UserError(f"--metric={cfg.metric!r}: expected one of {', '.join(METRIC_NAMES)}")
+    parse_seeds(cfg.seeds)
+
+
+@dataclass
+class RunPlan:
+    """One run of an experiment's row: the train.py and eval.py configs `make train eval` would build."""
+    train: train.TrainConfig
+    eval: EvalConfig
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.train.out)
+
+    def finished(self) -> bool:
+        return (self.folder / "results.json").is_file()
+
+    def run(self) -> None:
+        """To its results.json: train (or continue training from last/), then evaluate best/."""
+        if not (self.folder / "train.json").is_file():  # written when training ends: then only eval is left
+            train.recover_checkpoint(self.folder / "last")  # a kill between its two renames
+            resume = (self.folder / "last" / "trainer_state.pt").is_file()
+            try:
+                train.train(dataclasses.replace(self.train, resume=int(resume)))
+            except SystemExit as e:  # a UserError of train.py: say which run
+                hint = (f"\n(this continued {self.folder / 'last'}; delete {self.folder} to start this run over)"
+                        if resume else "")
+                raise UserError(f"{self.folder}: {e}{hint}") from e
+        evaluate(self.eval)
+
+
+def plan_runs(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> list[RunPlan]:
+    """The runs of one row in `folder`: once, or once per seed in folder/seed<N>/. `fields` are the row's own
+    train.py flags (method, alpha, train_fraction, ...)."""
+    runs = []
+    for seed in parse_seeds(cfg.seeds):
+        out = folder if seed is None else folder / f"seed{seed}"
+        own = dict(dataset=cfg.dataset, student=cfg.student, teachers=cfg.teachers, data=cfg.data,
+                   cache=cfg.cache, limit=cfg.limit, device=cfg.device)
+        own.update(fields, out=str(out), **({} if seed is None else {"seed": seed}))
+        train_cfg = with_flags(train.TrainConfig(**own), cfg.train_args, f"{command} --train_args",
+                               set(own) | {"resume"})
+        # Decode as training's validation did (best/ was chosen on it), unless --eval_args says otherwise.
+        eval_own = dict(dataset=cfg.dataset, model=str(out / "best"), method=train_cfg.method, data=cfg.data,
+                        out=str(out), limit=cfg.limit, device=cfg.device)
+        eval_cfg = EvalConfig(**eval_own, batch_size=train_cfg.eval_batch_size,
+                              max_input_tokens=train_cfg.max_input_tokens, max_new_tokens=train_cfg.max_new_tokens,
+                              bf16=train_cfg.bf16, chat=train_cfg.chat, boundary=train_cfg.boundary,
+                              task_prefix=train_cfg.task_prefix)
+        runs.append(RunPlan(train_cfg, with_flags(eval_cfg, cfg.eval_args, f"{command} --eval_args", set(eval_own))))
+    return runs
+
+
+def command_line(command: str, cfg: ExperimentConfig) -> str:
+    """`python eval.py <command>` with every flag of `cfg` that differs from its default: how a summary was
+    made, written into it for `make report`."""
+    default = type(cfg)()
+    flags = [shlex.quote(f"--{f.name}={getattr(cfg, f.name)}") for f in dataclasses.fields(cfg)
+             if getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join(["python eval.py", command, *flags])
+
+
+@dataclass
+class Experiment:
+    """One experiment's rows as they are planned: each row is a dict for its table and summary (its run folder
+    in "folder", None for a row that cannot run) and its runs; run() runs what is not finished yet."""
+    cfg: ExperimentConfig
+    name: str  # the command: rows in OUT/<dataset>/<name>/, the summary in OUT/<dataset>/<name>.{json,md,png}
+    rows: list[dict] = field(default_factory=list)
+    runs: list[RunPlan] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.out) / self.cfg.dataset
+
+    def add(self, folder: str, row: dict, **train_fields) -> list[RunPlan]:
+        """A row run in OUT/<dataset>/<name>/<folder> with its own train.py flags; returns its runs."""
+        path = self.root / self.name / folder
+        self.rows.append({**row, "folder": str(path)})
+        runs = plan_runs(self.cfg, self.name, path, **train_fields)
+        self.runs += runs
+        return runs
+
+    def add_not_run(self, row: dict) -> None:
+        """A row the table shows without a run (its note says why)."""
+        self.rows.append({**row, "folder": None})
+
+    def run(self) -> None:
+        """Every run not finished yet, in order; finished ones (results.json) are kept as they are."""
+        todo = [run for run in self.runs if not run.finished()]
+        done = len(self.runs) - len(todo)
+        print(f"{done} of {len(self.runs)} runs finished already (kept), {len(todo)} to run", flush=True)
+        for n, run in enumerate(todo, 1):
+            print(f"--- run {n} of {len(todo)}: {run.folder}", flush=True)
+            # Ctrl-C: finished runs keep their results.json and this one its last/: the same command goes on
+            with interrupt_note(f"{done + n - 1} of {len(self.runs)} runs are finished and kept, and {run.folder} "
+                                "keeps its last checkpoint if it saved one; the same command continues from there"):
+                run.run()
+
+    def summary(self, **extra) -> dict:
+        """What write_<name> scores, prints and writes: how it was made, `extra`, and the rows."""
+        cfg = self.cfg
+        return dict(dataset=cfg.dataset, metric=cfg.metric, seeds=[s for s in parse_seeds(cfg.seeds) if s is not None],
+                    command=command_line(self.name, cfg), **extra, rows=self.rows)
+
 
 def scored(rows: list[dict], metric: str) -> list[dict]:
     """Each row with its valid and test `metric` (the mean over its seeds), their sample standard deviation
@@ -395,11 +586,58 @@ def caption(summary: dict, what: str) -> str:
 def write_summary(root: Path, name: str, summary: dict, lines: list[str]) -> dict:
     text = "\n".join(lines)
     print(text, flush=True)
-    write_atomic(root / f"{name}.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(root / f"{name}.md", text + "\n")
+    atomic_write(root / f"{name}.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(root / f"{name}.md", text + "\n")
     print(f"summary: {root / name}.json (every run), table: {root / name}.md")
     draw_summary(root, name, summary)
     return summary
+
+
+# ---- the α sweep (§4.1, Fig. 3)
+
+@dataclass
+class SweepConfig(ExperimentConfig):
+    """`python eval.py sweep`: TinyLLM once per combination of α over the teachers, the best chosen on valid."""
+    alphas: str = "0.01 0.1 0.5 1 2 3"  # §4.1: the values of every α_m; the grid is their product over teachers
+    sweep: str = ""  # an explicit grid instead, naming every teacher: "a=0.1,1 b=1,3"
+
+
+def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
+    """Teacher name -> its α values: --sweep's lists (every teacher named), else --alphas for each."""
+    def values(text: str, what: str) -> list[float]:
+        return parse_numbers(text, what, lambda a: a >= 0, "an α >= 0")
+
+    if not cfg.sweep.strip():
+        return {name: values(cfg.alphas, "--alphas") for name in names}
+    grid: dict[str, list[float]] = {}
+    for item in cfg.sweep.split():
+        name, sep, text = item.partition("=")
+        if not sep or name not in names:
+            raise UserError(f"--sweep: {item!r} is not name=α,α,... for a teacher of --teachers ({' '.join(names)})")
+        if name in grid:
+            raise UserError(f"--sweep: teacher {name!r} given twice")
+        grid[name] = values(text, f"--sweep {name}")
+    missing = [name for name in names if name not in grid]
+    if missing:
+        raise UserError(f"--sweep gives no α for {', '.join(missing)}: an explicit grid names every teacher")
+    return {name: grid[name] for name in names}
+
+
+def sweep(cfg: SweepConfig) -> dict:
+    """§4.1, Fig. 3: TinyLLM once per combination of α over the teachers; the best is chosen on valid."""
+    check_experiment(cfg)
+    names = [name for name, _ in tinyllm.parse_teachers(cfg.teachers)]
+    grid = sweep_grid(cfg, names)
+    experiment = Experiment(cfg, "sweep")
+    for combination in itertools.product(*grid.values()):
+        alpha = dict(zip(names, combination))
+        flag = " ".join(f"{name}={format_number(a)}" for name, a in alpha.items())
+        folder = ",".join(f"{name}={format_number(a)}" for name, a in alpha.items())
+        experiment.add(folder, dict(alpha=alpha, alpha_flag=flag), method="tinyllm", alpha=flag)
+    if "valid" not in experiment.runs[0].eval.splits:
+        raise UserError("sweep --eval_args: --splits must include valid, the split the sweep chooses on")
+    experiment.run()
+    return write_sweep(experiment.root, experiment.summary(grid=grid))
 
 
 def write_sweep(root: Path, summary: dict) -> dict:
@@ -417,12 +655,49 @@ def write_sweep(root: Path, summary: dict) -> dict:
              "| " + " | ".join(f"α {name}" for name in names) + " | valid | test | |",
              "|" + "---:|" * (len(names) + 2) + "---|"]
     for row in rows:
-        lines.append("| " + " | ".join(number(row["alpha"][name]) for name in names)
+        lines.append("| " + " | ".join(format_number(row["alpha"][name]) for name in names)
                      + f" | {percent(row['valid'], row['valid_std'])} | {percent(row['test'], row['test_std'])} | "
                      + ("← best on valid |" if row is best else "|"))
     lines += ["", f"best on valid: ALPHA=\"{best['alpha_flag']}\" (valid {percent(best['valid'])}, "
                   f"test {percent(best['test'])}); train with it: make train ALPHA=\"{best['alpha_flag']}\""]
     return write_summary(root, "sweep", summary, lines)
+
+
+# ---- less training data (Fig. 2)
+
+@dataclass
+class FractionsConfig(ExperimentConfig):
+    """`python eval.py fractions`: every method on nested fractions of the training set (Fig. 2)."""
+    fractions: str = "0.125 0.25 0.5 0.75 1"  # Fig. 2: fractions of the training set (nested, per seed)
+    methods: str = "tinyllm dss finetune"  # a curve each; dss once per teacher (dss-<teacher>), kd with the first
+    alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
+
+
+def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
+    """(run name, method, teacher) per method, named as `make table` names its run folders."""
+    trained = [m for m in train.METHODS if m != "inference"]
+    runs: list[tuple[str, str, str]] = []
+    for method in methods.split():
+        if method not in trained:
+            raise UserError(f"--methods: {method!r} is not one of {', '.join(trained)} (inference trains nothing)")
+        runs += [(f"dss-{name}", "dss", name) for name in names] if method == "dss" else [(method, method, "")]
+    if not runs or len({run for run, _, _ in runs}) != len(runs):
+        raise UserError(f"--methods={methods!r}: give each method once")
+    return runs
+
+
+def fractions(cfg: FractionsConfig) -> dict:
+    """Fig. 2: every method trained on nested fractions of the training set (train.py --train_fraction)."""
+    check_experiment(cfg)
+    names = [name for name, _ in tinyllm.parse_teachers(cfg.teachers)]
+    values = sorted(parse_numbers(cfg.fractions, "--fractions", lambda f: 0 < f <= 1, "a fraction in (0, 1]"))
+    experiment = Experiment(cfg, "fractions")
+    for run, method, teacher in method_runs(cfg.methods, names):
+        for fraction in values:
+            experiment.add(f"{run}/{format_number(fraction)}", dict(run=run, method=method, fraction=fraction),
+                           method=method, teacher=teacher, alpha=cfg.alpha, train_fraction=fraction)
+    experiment.run()
+    return write_fractions(experiment.root, experiment.summary(fractions=values))
 
 
 def full_finetune(summary: dict) -> dict | None:
@@ -446,6 +721,60 @@ def write_fractions(root: Path, summary: dict) -> dict:
     if full is not None:
         lines += ["", f"full fine-tuning on all of train (Fig. 2's dotted line): {percent(full['test'], full['test_std'])}"]
     return write_summary(root, "fractions", summary, lines)
+
+
+# ---- ablations (Table 2)
+
+@dataclass
+class AblationsConfig(ExperimentConfig):
+    """`python eval.py ablations`: Table 2, TinyLLM without each teacher, in-context examples, teacher forcing."""
+    alpha: str = ""  # name=weight ... (default 1 each); a row without a teacher keeps the others' α
+    rationales_args: str = ""  # extra `rationales` flags for the re-prompted caches (those CACHE was made with)
+
+
+# Table 2's re-prompted rows: the one `rationales` flag each changes (§3.2) and its cache folder's suffix
+REPROMPTED = (("k0", "w/o in-context examples (--k=0)", {"k": 0}),
+              ("teacher_forcing0", "w/o teacher forcing (--teacher_forcing=0)", {"teacher_forcing": False}))
+
+
+def ablations(cfg: AblationsConfig) -> dict:
+    """Table 2: TinyLLM without each teacher; without in-context examples and without teacher forcing,
+    whose rationales are made again into their own caches, where every teacher can be re-prompted."""
+    check_experiment(cfg)
+    teachers = tinyllm.parse_teachers(cfg.teachers)
+    alpha = train.parse_alpha(cfg.alpha, [name for name, _ in teachers])
+    experiment = Experiment(cfg, "ablations")
+
+    def add(name: str, label: str, kept: list[tuple[str, str]], cache: str, note: str = "") -> list[RunPlan]:
+        row = dict(name=name, label=label, teachers=[n for n, _ in kept], cache=cache, note=note)
+        return experiment.add(name, row, teachers=" ".join(f"{n}={s}" for n, s in kept), cache=cache,
+                              # no teacher left: L = L_A (Eq. 2 with no rationale task), i.e. fine-tuning
+                              method="tinyllm" if kept else "finetune",
+                              alpha=" ".join(f"{n}={format_number(alpha[n])}" for n, _ in kept))
+
+    add("tinyllm", "TinyLLM", teachers, cfg.cache)
+    for name, _ in teachers:
+        kept = [(n, s) for n, s in teachers if n != name]
+        add(f"without-{name}", f"w/o {name}", kept, cfg.cache, "" if kept else "no teacher left: fine-tuning (L_A)")
+    fixed = [f"{n}={s}" for n, s in teachers if not getattr(tinyllm.teacher_kind(s)[0], "prompted", True)]
+    reprompted: list[tuple[tinyllm.RationalesConfig, list[RunPlan]]] = []
+    for key, label, change in REPROMPTED:
+        if fixed:  # the paper's published rationales are text, made once with k=2 and the gold answer
+            experiment.add_not_run(dict(name=key, label=label, teachers=[n for n, _ in teachers], cache=None,
+                                        note=f"not run: {', '.join(fixed)} cannot be re-prompted (fixed published "
+                                             "rationales); a live teacher (a model, openai:...) can"))
+            continue
+        cache = f"{cfg.cache.rstrip('/')}-{key}"
+        fields = dict(dataset=cfg.dataset, teachers=cfg.teachers, data=cfg.data, cache=cache, limit=cfg.limit,
+                      splits="train", device=cfg.device, **change)
+        rationales_cfg = with_flags(tinyllm.RationalesConfig(**fields), cfg.rationales_args,
+                                    "ablations --rationales_args", set(fields))
+        reprompted.append((rationales_cfg, add(key, label, teachers, cache)))
+    for rationales_cfg, runs in reprompted:  # teachers are loaded only for rows with runs still to do
+        if not all(run.finished() for run in runs):
+            tinyllm.rationales(rationales_cfg)
+    experiment.run()
+    return write_ablations(experiment.root, experiment.summary())
 
 
 def write_ablations(root: Path, summary: dict) -> dict:
@@ -492,9 +821,9 @@ def draw(kind: str, path: Path, plot: typing.Callable) -> bool:
         return False
     fig = figure(figsize=FIGURE_SIZES[kind], dpi=FIGURE_DPI, layout="constrained")
     plot(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=FIGURE_DPI)
+    atomic_write(path, png.getvalue())
     print(f"figure: {path}")
     return True
 
@@ -534,8 +863,8 @@ def plot_sweep(fig, summary: dict) -> None:
     best = summary["best"]["alpha"]
     ax.add_patch(Rectangle((xs.index(best[second]) - 0.5, ys.index(best[first]) - 0.5), 1, 1, fill=False,
                            edgecolor="red", linewidth=2))
-    ax.set_xticks(range(len(xs)), [number(x) for x in xs])
-    ax.set_yticks(range(len(ys)), [number(y) for y in ys])
+    ax.set_xticks(range(len(xs)), [format_number(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [format_number(y) for y in ys])
     ax.set_xlabel(f"α {second}")
     ax.set_ylabel(f"α {first}")
     ax.set_title(f"{summary['dataset']}: valid {summary['metric']} (%) over α (Fig. 3)")
@@ -603,6 +932,7 @@ def draw_training(metrics: Path, root: Path) -> Path:
 
 @dataclass
 class ReportConfig:
+    """`python eval.py report`: OUT/<dataset>/report.md, every table and figure there with its command."""
     dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
     out: str = "out"  # links what is under OUT/<dataset>/ in OUT/<dataset>/report.md
 
@@ -662,23 +992,32 @@ def report(cfg: ReportConfig) -> Path:
             run, png = path.parent, path.parent / "training.png"
             lines.append(f"- `{run.relative_to(root)}`: " + (f"[training.png]({link(png, root)})" if png.is_file()
                                                           else f"[metrics.jsonl]({link(path, root)})"))
-    write_atomic(root / "report.md", "\n".join(lines) + "\n")
+    atomic_write(root / "report.md", "\n".join(lines) + "\n")
     print(f"report: {root / 'report.md'}")
     return root / "report.md"
 
 
+EXPERIMENTS = {"sweep": (SweepConfig, sweep), "fractions": (FractionsConfig, fractions),
+               "ablations": (AblationsConfig, ablations)}
+
+
 def main(argv: list[str]) -> None:
-    if argv and argv[0] == "table":
-        cfg = parse_flags(TableConfig, argv[1:], "table")
+    command = argv[0] if argv else ""
+    if command == "table":
+        cfg = parse_flags(TableConfig, argv[1:], command)
         write_table(cfg, table(cfg))
-    elif argv and argv[0] == "report":
-        report(parse_flags(ReportConfig, argv[1:], "report"))
+    elif command == "report":
+        report(parse_flags(ReportConfig, argv[1:], command))
+    elif command in EXPERIMENTS:
+        config_cls, experiment = EXPERIMENTS[command]
+        experiment(parse_flags(config_cls, argv[1:], command))
     else:
-        # results.json and predictions.jsonl are written whole at the end (write_atomic)
+        # results.json and predictions.jsonl are written whole at the end (atomic_write)
         with interrupt_note("no result of this evaluation was written (they are written at the end); "
                             "rerun the same command"):
             evaluate(parse_flags(EvalConfig, argv))
 
 
 if __name__ == "__main__":
-    run_main(main, "lower --batch_size (ARGS=--batch_size=8), or --max_new_tokens / --max_input_tokens")
+    run_main(main, "lower --batch_size (ARGS=--batch_size=8), or --max_new_tokens / --max_input_tokens (the "
+                   "experiments: in --train_args / --eval_args)")

@@ -1,5 +1,7 @@
-"""T5 / FLAN-T5 encoder-decoder in plain PyTorch: the students of TinyLLM (Tian et al., arXiv 2402.04616,
-FLAN-T5 small/base/large) and one of its teachers (FLAN-T5-xl).
+"""T5 / FLAN-T5 encoder-decoder in plain PyTorch, standalone: TinyLLM's students and one of its teachers.
+
+The students of TinyLLM (Tian et al., arXiv 2402.04616) are FLAN-T5 small/base/large; FLAN-T5-xl is one
+of its teachers.
 
 Reads top to bottom in data-flow order: config -> relative position buckets -> layer norm -> attention ->
 feed-forward -> blocks -> stacks -> model -> loading/saving -> generation -> loss helpers -> tokenizer.
@@ -686,7 +688,9 @@ def _check_keys(folder: Path, expected: dict[str, tuple], found: dict[str, tuple
 
 
 def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path), fsync, then rename over `path`, so readers never see a half-written file."""
+    """write(tmp_path), fsync, then rename over `path`, so readers never see a half-written file. The model
+    files import nothing of the project (each stands alone), so each keeps this small copy of data.atomic_write,
+    taking a writer (safetensors' save_file writes to a path) rather than bytes."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         write(tmp)

@@ -1,15 +1,11 @@
-"""TinyLLM pipeline entry point: teacher rationales into a file cache (paper §3.2, Eq. 1), and the
-paper's experiments over train.py and eval.py runs, one command each.
+"""The teachers and their rationales (paper §3.2, Eq. 1): the teacher kinds, the rationale cache, `rationales`.
 
     python tinyllm.py rationales --dataset=obqa --teachers="flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"
-    python tinyllm.py sweep --dataset=obqa --alphas="0.01 0.1 0.5 1 2 3"      # α per teacher (§4.1, Fig. 3)
-    python tinyllm.py fractions --dataset=obqa --methods="tinyllm dss finetune"  # less training data (Fig. 2)
-    python tinyllm.py ablations --dataset=obqa                                 # Table 2's rows
 
 Every teacher m writes one rationale per training example i, seeing the question, the options, the
 gold answer and in-context examples: R_i^m = T^m(Q_i, O_i, A_i, P_i) (Eq. 1, teacher-forcing CoT).
 Rationales are made once and cached, one JSON-lines file per (dataset, teacher); train.py reads them
-with `load_rationales`. Teacher sources (`--teachers="name=source ..."`):
+with `load_rationales`. Teacher sources (`--teachers="name=source ..."`, read by `parse_teachers`):
 
     release:flan-t5-xl | release:llama-2    the paper's published rationales (nothing is generated)
     org/name[@revision] | /a/local/folder   a model run here with t5.py / llama.py (config.json model_type)
@@ -17,217 +13,34 @@ with `load_rationales`. Teacher sources (`--teachers="name=source ..."`):
     openai-completions:BASE_URL#MODEL       the same, /v1/completions: the prompt as is (base models)
 
 A new kind of teacher is one small class with one method, `generate(jobs) -> list[str | Exception]`,
-and one line in TEACHER_KINDS.
+and one line in TEACHER_KINDS. The paper's experiments (sweep, fractions, ablations) are eval.py's.
 
-References: TinyLLM (Tian et al., arXiv 2402.04616); the Hugging Face hub's file layout
-`/{repo}/resolve/{revision}/{file}`; the OpenAI HTTP API (`/v1/completions`, `/v1/chat/completions`).
+References: TinyLLM (Tian et al., arXiv 2402.04616); the OpenAI HTTP API (`/v1/completions`,
+`/v1/chat/completions`).
 """
-import ast
 import collections
-import dataclasses
-import difflib
-import errno
-import fcntl
 import hashlib
-import inspect
-import io
-import itertools
 import json
-import math
 import os
 import re
-import shlex
 import sys
 import threading
 import time
-import tokenize
-import traceback
 import typing
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from torch import Tensor
 
 import data
 import llama
 import prompts
 import t5
-from data import Progress, UserError, format_seconds, interrupt_note  # noqa: F401 (the scripts' shared helpers)
-
-
-# ---- files: atomic writes ---------------------------------------------------------------------
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list, so that a rename in it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, content: bytes) -> None:
-    """Temp file in the same folder + fsync + os.replace: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:  # a full disk, Ctrl-C: no temp file left behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(path)
-        raise
-    fsync_path(path.parent)
-
-
-# ---- models: hub download and loading ---------------------------------------------------------
-
-HUB_ID = re.compile(r"^([\w.-]+)/([\w.-]+)(?:@([\w.-]+))?$")
-HUB_CONFIG = "config.json"
-HUB_OPTIONAL = ("generation_config.json", "spiece.model", "tokenizer.model", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-TOKENIZER_FILES = ("spiece.model", "tokenizer.model", "tokenizer.json")
-DOWNLOAD_ATTEMPTS = 4
-
-
-def tinyllm_home() -> Path:
-    return Path(os.environ.get("TINYLLM_HOME") or Path.home() / ".cache" / "tinyllm")
-
-
-def resolve_model(source: str) -> Path:
-    """A local folder as is; a hub id `org/name[@revision]` (revision default `main`) is downloaded
-    once, with requests, from HF_ENDPOINT (default https://huggingface.co) with HF_TOKEN, into
-    $TINYLLM_HOME/hub/<org>--<name>/<revision>/ and read from there afterwards, offline."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    match = HUB_ID.match(source)
-    if match is None:
-        raise UserError(f"model {source!r}: not a folder, and not a hub id org/name[@revision]")
-    org, name, revision = match.group(1), match.group(2), match.group(3) or "main"
-    folder = tinyllm_home() / "hub" / f"{org}--{name}" / revision
-    if (folder / ".complete").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks asking for the same model: one downloads
-        if not (folder / ".complete").exists():
-            download_snapshot(f"{org}/{name}", revision, folder)
-    return folder
-
-
-def download_snapshot(repo: str, revision: str, folder: Path) -> None:
-    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    session = requests.Session()
-    if os.environ.get("HF_TOKEN"):
-        # requests drops this header on a redirect to another host (the hub's CDN), as it should
-        session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    what = f"{repo}@{revision}"
-
-    def fetch(filename: str, required: bool) -> bool:
-        url = f"{endpoint}/{repo}/resolve/{revision}/{filename}"
-        return download_file(session, url, folder / filename, required, what)
-
-    fetch(HUB_CONFIG, required=True)
-    for filename in HUB_OPTIONAL:
-        fetch(filename, required=False)
-    if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        raise UserError(f"{what}: no tokenizer file (one of {', '.join(TOKENIZER_FILES)}) on {endpoint}")
-    if fetch("model.safetensors.index.json", required=False):
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        bad = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
-        if not shards or bad:
-            raise UserError(f"{what}: model.safetensors.index.json has a bad weight_map (shards {bad or shards})")
-        for shard in shards:
-            fetch(shard, required=True)
-    elif not fetch("model.safetensors", required=False):
-        raise UserError(f"{what}: neither model.safetensors nor model.safetensors.index.json on "
-                        f"{endpoint} (only safetensors checkpoints are read)")
-    atomic_write(folder / ".complete", json.dumps({"repo": repo, "revision": revision,
-                                                   "endpoint": endpoint}).encode())
-
-
-def expected_sha256(headers: typing.Mapping[str, str]) -> str | None:
-    """The hub sends the sha256 of large (LFS) files as X-Linked-Etag / ETag."""
-    for key in ("X-Linked-Etag", "ETag"):
-        value = headers.get(key, "").removeprefix("W/").strip('"')
-        if re.fullmatch(r"[0-9a-f]{64}", value):
-            return value
-    return None
-
-
-def download_file(session: requests.Session, url: str, dest: Path, required: bool, what: str) -> bool:
-    """`url` into `dest` through data.http_download (a `.part` file resumed with Range requests);
-    os.replace makes the file appear only when complete. Connection errors, truncated bodies and 5xx
-    are retried, resuming where the last attempt stopped. False for a 404 on an optional file."""
-    if dest.exists():  # an interrupted snapshot: files that exist are complete
-        return True
-    part = dest.with_name(dest.name + ".part")
-    for attempt in range(DOWNLOAD_ATTEMPTS):
-        if attempt:
-            time.sleep(0.5 * 2 ** (attempt - 1))
-        try:
-            _, headers = data.http_download(url, part, f"{what}: {dest.name}", session)
-        except data.DownloadError as e:
-            if e.status == 404:
-                if not required:
-                    return False
-                raise UserError(f"{what}: {dest.name} not found (404 from {url}); check the model id "
-                                f"(and HF_ENDPOINT)") from e
-            if e.status in (401, 403):
-                raise UserError(f"{what}: access denied ({e.status} from {url}); gated or private "
-                                "models need HF_TOKEN set to a token with access") from e
-            problem = str(e)
-            continue
-        sha256 = expected_sha256(headers)
-        if sha256 is not None and data.file_sha256(part) != sha256:
-            part.unlink()
-            raise UserError(f"{what}: {dest.name} does not match the sha256 {sha256} the server sent")
-        os.replace(part, dest)
-        fsync_path(dest.parent)
-        return True
-    raise UserError(f"{what}: download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {problem}")
-
-
-
-
-def load_model(source: str, dtype: torch.dtype = torch.float32,
-               device: str = "cpu") -> tuple[nn.Module, object, str]:
-    """(model, tokenizer, kind) for a hub id or folder: kind "t5" (t5.py) when config.json's
-    model_type is t5, else "llama" (llama.py, which names the decoder-only types it reads); never
-    guessed from the name."""
-    folder = resolve_model(source)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise UserError(f"model {source!r}: {config_path} not found (not a Hugging Face model folder)")
-    # t5.py and llama.py import nothing of ours and raise ValueError / FileNotFoundError about the
-    # folder (its config, weights, keys, shapes, tokenizer): here, where the user's model enters,
-    # they become UserErrors.
-    try:
-        kind = "t5" if json.loads(config_path.read_text()).get("model_type") == "t5" else "llama"
-        model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
-        model = model_cls.from_pretrained(folder, dtype=dtype, device=device)
-    except ValueError as e:  # config values, keys, shapes
-        raise UserError(f"{config_path}: {e}") from e
-    except FileNotFoundError as e:  # no weights, a missing shard
-        raise UserError(f"model {source!r}: {e}") from e
-    try:
-        tokenizer = tokenizer_cls.from_pretrained(folder)
-    except ImportError as e:  # tokenizer.json needs the optional `tokenizers`; the message says how
-        raise UserError(f"model {source!r}: {e}") from e
-    except (ValueError, FileNotFoundError) as e:
-        raise UserError(f"model {source!r}: no usable tokenizer: {e}; a checkpoint folder needs the tokenizer "
-                        f"files of the model it was trained from (spiece.model, tokenizer.model or tokenizer.json)"
-                        ) from e
-    return model, tokenizer, kind
+from data import Progress, UserError, atomic_write, interrupt_note, load_model, parse_flags, run_main
 
 
 # ---- the rationale cache ----------------------------------------------------------------------
@@ -254,15 +67,15 @@ def read_jsonl(path: Path) -> tuple[list[dict], int]:
     content = path.read_bytes()
     lines = content.splitlines(keepends=True)
     records, good = [], 0
-    for number, line in enumerate(lines, 1):
+    for line_number, line in enumerate(lines, 1):
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("no newline")
             records.append(json.loads(line))
         except ValueError as e:
-            if number == len(lines):
+            if line_number == len(lines):
                 break
-            raise UserError(f"{path}:{number}: not a JSON record ({e}); the cache file is damaged: delete that "
+            raise UserError(f"{path}:{line_number}: not a JSON record ({e}); the cache file is damaged: delete that "
                             "line (or the file) and rerun `make rationales` to make what is missing") from e
         good += len(line)
     return records, good
@@ -272,9 +85,9 @@ def read_cache(cache_dir: str | Path, dataset: str, teacher: str) -> dict[tuple[
     """(split, id) -> the newest record, errors included, over the main file and its rank shards."""
     newest: dict[tuple[str, str], dict] = {}
     for path in cache_files(cache_dir, dataset, teacher):
-        for number, record in enumerate(read_jsonl(path)[0], 1):
+        for line_number, record in enumerate(read_jsonl(path)[0], 1):
             if record.get("teacher") != teacher:  # a file copied or renamed from another teacher's
-                raise UserError(f"{path}:{number}: a record of teacher {record.get('teacher')!r}, but this is "
+                raise UserError(f"{path}:{line_number}: a record of teacher {record.get('teacher')!r}, but this is "
                                 f"teacher {teacher!r}'s cache file: move it back to "
                                 f"{record.get('teacher')}.jsonl, or delete it and rerun `make rationales`")
             key = (record["split"], record["id"])
@@ -345,7 +158,7 @@ def compact_cache(cache_dir: str | Path, dataset: str, teacher: str) -> None:
     if paths == [main] and main.stat().st_size == sum(
             len(json.dumps(r, ensure_ascii=False)) + 1 for r in newest.values()):
         return
-    atomic_write(main, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in newest.values()).encode())
+    atomic_write(main, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in newest.values()))
     for path in paths:
         if path != main:
             path.unlink()
@@ -665,31 +478,22 @@ class RationalesConfig:
     backoff: float = 1.0  # seconds before the first retry, doubled at each
 
 
-def parse_teachers(spec: str) -> list[tuple[str, str]]:
-    teachers = []
+def parse_teachers(spec: str, sources: bool = True) -> list[tuple[str, str]]:
+    """--teachers="name=source ..." -> [(name, source), ...], every script's reading of it. sources=False is
+    train.py's: a bare name is allowed (source "": the cache's source is then not checked), and so is no
+    teacher at all (fine-tuning needs none)."""
+    teachers: list[tuple[str, str]] = []
     for item in spec.split():
         name, sep, source = item.partition("=")
-        if not sep or not source or not re.fullmatch(r"[\w.-]+", name):
+        bare = not sep and not sources
+        if not (bare or source) or not re.fullmatch(r"[\w.-]+", name):
             raise UserError(f"--teachers: {item!r} is not name=source (name of letters, digits, _ . -)")
         if name in dict(teachers):
             raise UserError(f"--teachers: teacher name {name!r} given twice")
         teachers.append((name, source))
-    if not teachers:
+    if not teachers and sources:
         raise UserError("--teachers: no teacher given (name=source ...)")
     return teachers
-
-
-def resolve_device(device: str) -> str:
-    """--device: "auto" (or empty) is CUDA when there is one, else the CPU."""
-    if device in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except RuntimeError as e:  # torch's own list of device types
-        raise UserError(f"--device={device}: not a device ({e}); use auto, cpu or cuda (DEVICE= for make)") from e
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={device}: CUDA is not available on this machine (DEVICE=cpu)")
-    return device
 
 
 def sha256_text(text: str) -> str:
@@ -826,13 +630,10 @@ def rationales(cfg: RationalesConfig) -> None:
         if getattr(cfg, key) < least:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be >= {least}")
     teachers = parse_teachers(cfg.teachers)
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(cfg.device)
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    distributed = world_size > 1 and "MASTER_ADDR" in os.environ
-    if distributed:  # torchrun: wait for every rank before the summary
-        torch.distributed.init_process_group("gloo")
+    # Under torchrun the ranks meet once, at the end, after generating for very different times: gloo's
+    # barrier, whose timeout is longer than NCCL's and which needs no GPU communicator.
+    rank, world_size, device = data.setup_distributed(cfg.device, backend="gloo")
+    distributed = dist.is_initialized()
 
     examples = {split: data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None) for split in splits}
     # in-context examples come from the whole training set, so --limit does not change the prompts
@@ -841,10 +642,10 @@ def rationales(cfg: RationalesConfig) -> None:
     with interrupt_note(f"the rationales made so far are kept in {Path(cfg.cache) / cfg.dataset}/; the same "
                         "command makes only the missing ones"):
         stopped = [why for name, source in teachers
-                   if (why := run_teacher(cfg, name, source, examples, pool, device, rank, world_size))]
-    if distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+                   if (why := run_teacher(cfg, name, source, examples, pool, str(device), rank, world_size))]
+    if distributed:  # wait for every rank before the summary
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         if stopped:
             raise UserError("\n".join(stopped))
@@ -865,508 +666,22 @@ def rationales(cfg: RationalesConfig) -> None:
         raise UserError("\n".join(stopped + empty_teachers) + kept)
 
 
-# ---- experiments: the α sweep (§4.1, Fig. 3), training fractions (Fig. 2), ablations (Table 2) ----
-# Every row of an experiment is an ordinary run folder (train.py's best/, last/, metrics.jsonl, train.json;
-# eval.py's results.json, predictions.jsonl), or with --seeds one seed<N>/ run folder per seed. The runs go
-# in this process, one after the other, through train.train and eval.evaluate with the configs `make train
-# eval` would build: no Python start and torch import per run (longer than a tiny run itself), and a
-# failing run stops the experiment with its own message. Resumable: a run with results.json is done and
-# never redone, one with train.json (training ended) is only evaluated, one with last/ continues from it
-# (train.py --resume), so a killed experiment, started again, does what is missing. eval.py scores the
-# rows, prints the table and writes OUT/<dataset>/<experiment>.{json,md,png}.
-
-@dataclass
-class ExperimentConfig:
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
-    student: str = "google/flan-t5-small"  # hub id or folder
-    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
-    data: str = "data"  # the datasets' folder
-    cache: str = "cache"  # the rationale cache (`make rationales`)
-    out: str = "out"  # rows in OUT/<dataset>/<experiment>/, the summary in OUT/<dataset>/<experiment>.json
-    limit: int = 0  # first N examples of each split (0 = all)
-    device: str = "auto"  # auto = cuda when available, else cpu
-    seeds: str = ""  # "0 1 2": every row once per seed, in <row>/seed<N>/, reported as mean ± std ("" = once)
-    metric: str = "accuracy"  # the results.json number compared (and selected on, by the sweep)
-    train_args: str = ""  # extra train.py flags for every run, e.g. "--epochs=3 --lr=1e-4"
-    eval_args: str = ""  # extra eval.py flags for every run (decoding follows train.py's validation unless set)
-
-
-def number(value: float) -> str:
-    """1.0 -> "1", 0.125 -> "0.125": α and fractions as folder names and table cells write them."""
-    return f"{value:.10g}"
-
-
-def parse_numbers(text: str, what: str, allowed: typing.Callable[[float], bool], rule: str) -> list[float]:
-    """"0.1 1,3" -> [0.1, 1.0, 3.0]: space or comma separated, each value once, each `allowed`."""
-    values: list[float] = []
-    for item in re.split(r"[,\s]+", text.strip()):
-        if not item:
-            continue
-        try:
-            value = float(item)
-        except ValueError:
-            raise UserError(f"{what}: {item!r} is not a number") from None
-        if math.isnan(value) or not allowed(value):
-            raise UserError(f"{what}: {item} is not {rule}")
-        if value not in values:
-            values.append(value)
-    if not values:
-        raise UserError(f"{what}: no value given")
-    return values
-
-
-def parse_seeds(seeds: str) -> list[int | None]:
-    """--seeds="0 1 2" -> [0, 1, 2]; "" -> [None]: each row once, in its folder itself, at train.py's --seed."""
-    try:
-        values = [int(item) for item in re.split(r"[,\s]+", seeds.strip()) if item]
-    except ValueError:
-        raise UserError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\"") from None
-    if len(set(values)) != len(values):
-        raise UserError(f"--seeds={seeds!r}: a seed appears twice")
-    return values or [None]
-
-
-Config = typing.TypeVar("Config")
-
-
-def with_flags(config: Config, args: str, what: str, fixed: set[str]) -> Config:
-    """`config` with the --key=value flags in `args` applied (type-checked by parse_flags). The keys in
-    `fixed` are set by the experiment itself, per row, and refused here."""
-    tokens = shlex.split(args)
-    parsed = parse_flags(type(config), tokens)
-    keys = [token.removeprefix("--").partition("=")[0] for token in tokens]
-    taken = sorted(set(keys) & fixed)
-    if taken:
-        raise UserError(f"{what}: --{taken[0]} is set by the experiment itself ({', '.join(sorted(fixed))})")
-    return dataclasses.replace(config, **{key: getattr(parsed, key) for key in keys})
-
-
-def check_experiment(cfg: ExperimentConfig) -> None:
-    import eval as evaluation  # eval and train import this module: lazily, inside the commands
-
-    if cfg.dataset not in data.DATASETS:
-        raise UserError(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
-    if cfg.metric not in evaluation.METRIC_NAMES:
-        raise UserError(f"--metric={cfg.metric!r}: expected one of {', '.join(evaluation.METRIC_NAMES)}")
-    parse_seeds(cfg.seeds)
-
-
-def plan_row(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> list[tuple]:
-    """(train config, eval config) of each run of one row in `folder`: once, or once per seed in
-    folder/seed<N>/. `fields` are the row's own train.py flags (method, alpha, train_fraction, ...)."""
-    import eval as evaluation
-    import train
-
-    runs = []
-    for seed in parse_seeds(cfg.seeds):
-        out = folder if seed is None else folder / f"seed{seed}"
-        own = dict(dataset=cfg.dataset, student=cfg.student, teachers=cfg.teachers, data=cfg.data,
-                   cache=cfg.cache, limit=cfg.limit, device=cfg.device)
-        own.update(fields, out=str(out), **({} if seed is None else {"seed": seed}))
-        train_cfg = with_flags(train.TrainConfig(**own), cfg.train_args, f"{command} --train_args",
-                               set(own) | {"resume"})
-        # Decode as training's validation did (best/ was chosen on it), unless --eval_args says otherwise.
-        eval_own = dict(dataset=cfg.dataset, model=str(out / "best"), method=train_cfg.method, data=cfg.data,
-                        out=str(out), limit=cfg.limit, device=cfg.device)
-        eval_cfg = evaluation.EvalConfig(**eval_own, batch_size=train_cfg.eval_batch_size,
-                                         max_input_tokens=train_cfg.max_input_tokens,
-                                         max_new_tokens=train_cfg.max_new_tokens, bf16=train_cfg.bf16,
-                                         chat=train_cfg.chat, boundary=train_cfg.boundary,
-                                         task_prefix=train_cfg.task_prefix)
-        runs.append((train_cfg, with_flags(eval_cfg, cfg.eval_args, f"{command} --eval_args", set(eval_own))))
-    return runs
-
-
-def finished(run: tuple) -> bool:
-    return (Path(run[0].out) / "results.json").is_file()
-
-
-def train_and_evaluate(train_cfg, eval_cfg) -> None:
-    """One run to its results.json: train (or continue training from last/), then evaluate best/."""
-    import eval as evaluation
-    import train
-
-    run = Path(train_cfg.out)
-    if not (run / "train.json").is_file():  # train.json is written when training ends: then only eval is left
-        train.recover_checkpoint(run / "last")  # a kill between its two renames
-        resume = (run / "last" / "trainer_state.pt").is_file()
-        try:
-            train.train(dataclasses.replace(train_cfg, resume=int(resume)))
-        except SystemExit as e:  # a UserError of train.py: say which run
-            hint = f"\n(this continued {run / 'last'}; delete {run} to start this run over)" if resume else ""
-            raise UserError(f"{run}: {e}{hint}") from e
-    evaluation.evaluate(eval_cfg)
-
-
-def run_rows(rows: list[list[tuple]]) -> None:
-    """Every run not finished yet, in order; finished ones (results.json) are kept as they are."""
-    runs = [run for row in rows for run in row]
-    todo = [run for run in runs if not finished(run)]
-    print(f"{len(runs) - len(todo)} of {len(runs)} runs finished already (kept), {len(todo)} to run", flush=True)
-    for n, (train_cfg, eval_cfg) in enumerate(todo, 1):
-        print(f"--- run {n} of {len(todo)}: {train_cfg.out}", flush=True)
-        # Ctrl-C: finished runs keep their results.json and this one its last/: the same command goes on
-        with interrupt_note(f"{len(runs) - len(todo) + n - 1} of {len(runs)} runs are finished and kept, and "
-                            f"{train_cfg.out} keeps its last checkpoint if it saved one; the same command "
-                            "continues from there"):
-            train_and_evaluate(train_cfg, eval_cfg)
-
-
-def command_line(command: str, cfg) -> str:
-    """`python tinyllm.py <command>` with every flag of `cfg` that differs from its default: how a summary
-    was made, written into it for `make report`."""
-    default = type(cfg)()
-    flags = [shlex.quote(f"--{f.name}={getattr(cfg, f.name)}") for f in dataclasses.fields(cfg)
-             if getattr(cfg, f.name) != getattr(default, f.name)]
-    return " ".join(["python tinyllm.py", command, *flags])
-
-
-def summary_of(cfg: ExperimentConfig, command: str, rows: list[dict], **extra) -> dict:
-    return dict(dataset=cfg.dataset, metric=cfg.metric, seeds=[s for s in parse_seeds(cfg.seeds) if s is not None],
-                command=command_line(command, cfg), **extra, rows=rows)
-
-
-@dataclass
-class SweepConfig(ExperimentConfig):
-    alphas: str = "0.01 0.1 0.5 1 2 3"  # §4.1: the values of every α_m; the grid is their product over teachers
-    sweep: str = ""  # an explicit grid instead, naming every teacher: "a=0.1,1 b=1,3"
-
-
-def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
-    """Teacher name -> its α values: --sweep's lists (every teacher named), else --alphas for each."""
-    def values(text: str, what: str) -> list[float]:
-        return parse_numbers(text, what, lambda a: a >= 0, "an α >= 0")
-
-    if not cfg.sweep.strip():
-        return {name: values(cfg.alphas, "--alphas") for name in names}
-    grid: dict[str, list[float]] = {}
-    for item in cfg.sweep.split():
-        name, sep, text = item.partition("=")
-        if not sep or name not in names:
-            raise UserError(f"--sweep: {item!r} is not name=α,α,... for a teacher of --teachers ({' '.join(names)})")
-        if name in grid:
-            raise UserError(f"--sweep: teacher {name!r} given twice")
-        grid[name] = values(text, f"--sweep {name}")
-    missing = [name for name in names if name not in grid]
-    if missing:
-        raise UserError(f"--sweep gives no α for {', '.join(missing)}: an explicit grid names every teacher")
-    return {name: grid[name] for name in names}
-
-
-def sweep(cfg: SweepConfig) -> dict:
-    """§4.1, Fig. 3: TinyLLM once per combination of α over the teachers; the best is chosen on valid."""
-    import eval as evaluation
-
-    check_experiment(cfg)
-    names = [name for name, _ in parse_teachers(cfg.teachers)]
-    grid = sweep_grid(cfg, names)
-    root = Path(cfg.out) / cfg.dataset
-    rows, planned = [], []
-    for combination in itertools.product(*grid.values()):
-        alpha = dict(zip(names, combination))
-        flag = " ".join(f"{name}={number(a)}" for name, a in alpha.items())
-        folder = root / "sweep" / ",".join(f"{name}={number(a)}" for name, a in alpha.items())
-        rows.append(dict(alpha=alpha, alpha_flag=flag, folder=str(folder)))
-        planned.append(plan_row(cfg, "sweep", folder, method="tinyllm", alpha=flag))
-    if "valid" not in planned[0][0][1].splits:
-        raise UserError("sweep --eval_args: --splits must include valid, the split the sweep chooses on")
-    run_rows(planned)
-    return evaluation.write_sweep(root, summary_of(cfg, "sweep", rows, grid=grid))
-
-
-@dataclass
-class FractionsConfig(ExperimentConfig):
-    fractions: str = "0.125 0.25 0.5 0.75 1"  # Fig. 2: fractions of the training set (nested, per seed)
-    methods: str = "tinyllm dss finetune"  # a curve each; dss once per teacher (dss-<teacher>), kd with the first
-    alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
-
-
-def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
-    """(run name, method, teacher) per method, named as `make table` names its run folders."""
-    import train
-
-    trained = [m for m in train.METHODS if m != "inference"]
-    runs: list[tuple[str, str, str]] = []
-    for method in methods.split():
-        if method not in trained:
-            raise UserError(f"--methods: {method!r} is not one of {', '.join(trained)} (inference trains nothing)")
-        runs += [(f"dss-{name}", "dss", name) for name in names] if method == "dss" else [(method, method, "")]
-    if not runs or len({run for run, _, _ in runs}) != len(runs):
-        raise UserError(f"--methods={methods!r}: give each method once")
-    return runs
-
-
-def fractions(cfg: FractionsConfig) -> dict:
-    """Fig. 2: every method trained on nested fractions of the training set (train.py --train_fraction)."""
-    import eval as evaluation
-
-    check_experiment(cfg)
-    names = [name for name, _ in parse_teachers(cfg.teachers)]
-    values = sorted(parse_numbers(cfg.fractions, "--fractions", lambda f: 0 < f <= 1, "a fraction in (0, 1]"))
-    root = Path(cfg.out) / cfg.dataset
-    rows, planned = [], []
-    for run, method, teacher in method_runs(cfg.methods, names):
-        for fraction in values:
-            folder = root / "fractions" / run / number(fraction)
-            rows.append(dict(run=run, method=method, fraction=fraction, folder=str(folder)))
-            planned.append(plan_row(cfg, "fractions", folder, method=method, teacher=teacher, alpha=cfg.alpha,
-                                    train_fraction=fraction))
-    run_rows(planned)
-    return evaluation.write_fractions(root, summary_of(cfg, "fractions", rows, fractions=values))
-
-
-@dataclass
-class AblationsConfig(ExperimentConfig):
-    alpha: str = ""  # name=weight ... (default 1 each); a row without a teacher keeps the others' α
-    rationales_args: str = ""  # extra `rationales` flags for the re-prompted caches (those CACHE was made with)
-
-
-# Table 2's re-prompted rows: the one `rationales` flag each changes (§3.2) and its cache folder's suffix
-REPROMPTED = (("k0", "w/o in-context examples (--k=0)", {"k": 0}),
-              ("teacher_forcing0", "w/o teacher forcing (--teacher_forcing=0)", {"teacher_forcing": False}))
-
-
-def ablations(cfg: AblationsConfig) -> dict:
-    """Table 2: TinyLLM without each teacher; without in-context examples and without teacher forcing,
-    whose rationales are made again into their own caches, where every teacher can be re-prompted."""
-    import eval as evaluation
-    import train
-
-    check_experiment(cfg)
-    teachers = parse_teachers(cfg.teachers)
-    alpha = train.parse_alpha(cfg.alpha, [name for name, _ in teachers])
-    root = Path(cfg.out) / cfg.dataset
-    rows, planned, caches = [], [], []
-
-    def add(name: str, label: str, kept: list[tuple[str, str]], cache: str, note: str = "") -> list[tuple]:
-        folder = root / "ablations" / name
-        rows.append(dict(name=name, label=label, teachers=[n for n, _ in kept], cache=cache, folder=str(folder),
-                         note=note))
-        planned.append(plan_row(cfg, "ablations", folder, teachers=" ".join(f"{n}={s}" for n, s in kept),
-                                # no teacher left: L = L_A (Eq. 2 with no rationale task), i.e. fine-tuning
-                                method="tinyllm" if kept else "finetune", cache=cache,
-                                alpha=" ".join(f"{n}={number(alpha[n])}" for n, _ in kept)))
-        return planned[-1]
-
-    add("tinyllm", "TinyLLM", teachers, cfg.cache)
-    for name, _ in teachers:
-        kept = [(n, s) for n, s in teachers if n != name]
-        add(f"without-{name}", f"w/o {name}", kept, cfg.cache, "" if kept else "no teacher left: fine-tuning (L_A)")
-    fixed = [f"{n}={s}" for n, s in teachers if not getattr(teacher_kind(s)[0], "prompted", True)]
-    for key, label, change in REPROMPTED:
-        if fixed:  # the paper's published rationales are text, made once with k=2 and the gold answer
-            rows.append(dict(name=key, label=label, teachers=[n for n, _ in teachers], cache=None, folder=None,
-                             note=f"not run: {', '.join(fixed)} cannot be re-prompted (fixed published "
-                                  "rationales); a live teacher (a model, openai:...) can"))
-            continue
-        cache = f"{cfg.cache.rstrip('/')}-{key}"
-        fields = dict(dataset=cfg.dataset, teachers=cfg.teachers, data=cfg.data, cache=cache, limit=cfg.limit,
-                      splits="train", device=cfg.device, **change)
-        rationales_cfg = with_flags(RationalesConfig(**fields), cfg.rationales_args, "ablations --rationales_args",
-                                    set(fields))
-        caches.append((rationales_cfg, add(key, label, teachers, cache)))
-    for rationales_cfg, runs in caches:  # teachers are loaded only for rows with runs still to do
-        if not all(finished(run) for run in runs):
-            rationales(rationales_cfg)
-    run_rows(planned)
-    return evaluation.write_ablations(root, summary_of(cfg, "ablations", rows))
-
-
-# ---- command line -----------------------------------------------------------------------------
-# Every script (tinyllm.py, train.py, eval.py, tests/bench.py) reads its flags with parse_flags and
-# runs under run_main: one flag syntax, one --help, one way errors and Ctrl-C are reported.
-
-GLOBAL_FLAGS = {"debug": "1: the traceback of expected errors too (or TINYLLM_DEBUG=1)",
-                "help": "this list"}
-
-
-def parse_bool(key: str, value: str) -> bool:
-    if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-        raise UserError(f"--{key}={value}: expected bool (1/0, true/false, yes/no)")
-    return value.lower() in ("1", "true", "yes")
-
-
-def source_fields(cls: type) -> tuple[str, dict[str, tuple[str, str]]]:
-    """(docstring, {field: (heading, comment)}) of one class body, from its source: the comment on a
-    field's line (continued on comment lines that start with "#  "), and a comment on a line of its own
-    as the heading of the fields below it."""
-    source = inspect.getsource(cls)
-    indent = len(source) - len(source.lstrip())
-    source = "\n".join(line[indent:] for line in source.splitlines())
-    comments = {token.start[0]: token.string
-                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
-    lines = source.splitlines()
-
-    def own_line(number: int) -> bool:
-        return number in comments and lines[number - 1].lstrip().startswith("#")
-
-    node = ast.parse(source).body[0]
-    assert isinstance(node, ast.ClassDef), cls
-    fields, heading = {}, ""
-    for statement in node.body:
-        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
-            continue
-        above = statement.lineno - 1  # a heading comment sits on the line just above its first field
-        if own_line(above) and not comments[above].startswith("#  "):
-            heading = comments[above].lstrip("#").strip()
-        comment = [comments.get(statement.end_lineno, "")]
-        below = statement.end_lineno + 1
-        while own_line(below) and comments[below].startswith("#  "):
-            comment.append(comments[below])
-            below += 1
-        fields[statement.target.id] = (heading, " ".join(c.lstrip("#").strip() for c in comment).strip())
-    return ast.get_docstring(node) or "", fields
-
-
-def config_fields(config_cls: type) -> tuple[str, list[tuple[str, str, str, str, str]]]:
-    """(the class docstring, [(heading, name, type, default, comment)]) of a config dataclass, every
-    field in dataclasses.fields order, inherited ones included: what --help shows, read from the
-    source so that it says what the code says."""
-    described: dict[str, tuple[str, str]] = {}
-    for cls in reversed(config_cls.__mro__):  # a subclass's comment wins over its base's
-        if dataclasses.is_dataclass(cls):
-            described.update(source_fields(cls)[1])
-    types = typing.get_type_hints(config_cls)
-    rows = []
-    for f in dataclasses.fields(config_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append((*described[f.name][:1], f.name, types[f.name].__name__, str(default), described[f.name][1]))
-    return source_fields(config_cls)[0], rows
-
-
-def script_of(config_cls: type, command: str) -> str:
-    """How the user runs the script `config_cls` belongs to: `tinyllm.py rationales`, `train.py`, ..."""
-    module = config_cls.__module__
-    script = sys.argv[0] if module == "__main__" else f"{module}.py"
-    return f"{script} {command}" if command else script
-
-
-def flags_help(config_cls: type, command: str = "") -> str:
-    doc, rows = config_fields(config_cls)
-    if not doc:  # a config without a docstring: the script's own one-line summary
-        module_doc = sys.modules[config_cls.__module__].__doc__ or ""
-        doc = module_doc.strip().split("\n\n")[0].replace("\n", " ")
-    shown = [(heading, f"--{name}={shell_quote(default)}", kind, comment) for heading, name, kind, default, comment in rows]
-    shown += [("every script", f"--{name}" + ("=0" if name == "debug" else ""), "bool" if name == "debug" else "",
-               comment) for name, comment in GLOBAL_FLAGS.items()]
-    width = min(max(len(flag) for _, flag, _, _ in shown), 36)
-    lines = [f"usage: python {script_of(config_cls, command)} [--key=value ...]", doc, "",
-             "flags (type, then what it is; --key= with no value keeps the default):"]
-    previous = ""
-    for heading, flag, kind, comment in shown:
-        if heading != previous:
-            lines.append(f" {heading}:")
-            previous = heading
-        lines.append(f"  {flag:<{width}}  {kind:<5}  {comment}".rstrip())
-    return "\n".join(lines)
-
-
-def shell_quote(value: str) -> str:
-    return f'"{value}"' if not value or " " in value else value
-
-
-def parse_flags(config_cls: type, args: list[str], command: str = ""):
-    """`--key=value` overrides of a config dataclass, converted to and checked against its field
-    types. An empty value keeps the default (the Makefile passes unset variables as empty). --help
-    prints every field from the dataclass source and exits; --debug is run_main's."""
-    if any(arg in ("--help", "-h", "help") for arg in args):
-        print(flags_help(config_cls, command))
-        raise SystemExit(0)
-    types = typing.get_type_hints(config_cls)
-    values = {}
-    for arg in args:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise UserError(f"argument {arg!r}: flags are --key=value (--help lists them)")
-        if key == "debug":  # read by run_main before the script starts; checked here like any flag
-            parse_bool(key, value or "0")
-            continue
-        if key not in types:
-            close = difflib.get_close_matches(key, types, n=1)
-            raise UserError(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
-                            + f"; `python {script_of(config_cls, command)} --help` lists every flag")
-        if value == "":
-            continue
-        kind = types[key]
-        if kind is bool:
-            values[key] = parse_bool(key, value)
-            continue
-        try:
-            values[key] = kind(value)
-        except ValueError:
-            raise UserError(f"--{key}={value}: expected {kind.__name__}") from None
-    return config_cls(**values)
-
-
-def debug_requested(argv: list[str]) -> bool:
-    flags = [arg.partition("=")[2] for arg in argv if arg.startswith("--debug=")]
-    value = flags[-1] if flags else os.environ.get("TINYLLM_DEBUG", "0")
-    return value.lower() in ("1", "true", "yes")
-
-
-def expected_failure(error: BaseException, memory_hint: str) -> str | None:
-    """The message of an expected failure, None for a bug. Expected: a UserError (or any
-    SystemExit with a message, Python's idiom for the same), running out of memory, a full disk."""
-    if isinstance(error, SystemExit):
-        return error.code if isinstance(error.code, str) else None
-    text = str(error)
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-            isinstance(error, RuntimeError) and "can't allocate memory" in text):  # the CPU allocator's words
-        asked = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
-        size = (data.format_bytes(int(asked.group(1))) if asked.group(1).isdigit() else asked.group(1)) if asked else ""
-        return f"out of memory{f' (tried to allocate {size})' if size else ''}: {memory_hint}"
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {error.filename}" if error.filename else ""
-        return (f"no space left on the disk{where}: free some space, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) "
-                "at a disk with room; files written completely are kept, no partial one is left")
-    return None
-
-
-def run_main(main: Callable[[list[str]], object], memory_hint: str) -> None:
-    """Run a script's main(argv) as its `if __name__ == "__main__":` line: an expected failure
-    (expected_failure) prints one `error: ...` block and exits 1, with the traceback first under
-    --debug=1 / TINYLLM_DEBUG=1; Ctrl-C prints one line saying what was kept (interrupt_note) and
-    exits 130 (128 + SIGINT, as a shell reports it); a bug keeps Python's traceback. `memory_hint`
-    names the flags that lower the memory this script needs."""
-    argv = sys.argv[1:]
-    debug = debug_requested(argv)
-    try:
-        main(argv)
-    except KeyboardInterrupt as interrupt:
-        Progress.end_line()
-        if debug:
-            traceback.print_exc()
-        print(f"interrupted: {getattr(interrupt, 'kept', 'nothing was in progress')}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except BaseException as error:
-        Progress.end_line()
-        message = expected_failure(error, memory_hint)
-        if message is None:
-            raise  # a bug (or a plain exit): Python prints the traceback
-        if debug:
-            traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-
-
-COMMANDS = {"rationales": (RationalesConfig, rationales), "sweep": (SweepConfig, sweep),
-            "fractions": (FractionsConfig, fractions), "ablations": (AblationsConfig, ablations)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        if argv and argv[0] in ("--help", "-h", "help"):
-            print(f"usage: python {sys.argv[0]} COMMAND [--key=value ...]; COMMAND --help lists its flags\n")
-            print("\n".join(f"  {name:<12} {(command.__doc__ or '').strip().splitlines()[0]}"
-                            for name, (_, command) in COMMANDS.items()))
-            return
-        unknown = f"unknown command {argv[0]!r}; " if argv else ""
-        raise UserError(f"{unknown}usage: python tinyllm.py {'|'.join(COMMANDS)} --key=value ... (--help)")
-    config_cls, command = COMMANDS[argv[0]]
-    command(parse_flags(config_cls, argv[1:], argv[0]))
+EXPERIMENTS = ("sweep", "fractions", "ablations")  # once commands of this file, now eval.py's
+
+
+def main(argv: list[str]) -> None:
+    command = argv[0] if argv else ""
+    if command in EXPERIMENTS:  # the experiments sit beside their tables and figures now: say where, in one line
+        raise UserError(f"`python tinyllm.py {command}` is now `python eval.py {command}` (the same flags)")
+    if command in ("--help", "-h", "help"):
+        print(f"usage: python tinyllm.py rationales [--key=value ...]: {rationales.__doc__}\n"
+              "`python tinyllm.py rationales --help` lists its flags; the experiments are eval.py's")
+        return
+    if command != "rationales":
+        unknown = f"unknown command {command!r}; " if command else ""
+        raise UserError(f"{unknown}usage: python tinyllm.py rationales --key=value ... (--help)")
+    rationales(parse_flags(RationalesConfig, argv[1:], command))
 
 
 if __name__ == "__main__":
-    run_main(main, "lower --batch_size (rationales: prompts per forward pass of a local teacher; the "
-                   "experiments: in --train_args / --eval_args) or --max_new_tokens")
+    run_main(main, "lower --batch_size (prompts per forward pass of a local teacher) or --max_new_tokens")

@@ -42,7 +42,8 @@ import llama
 import prompts
 import t5
 import tinyllm
-from tinyllm import UserError, format_seconds, fsync_path, interrupt_note, parse_flags, run_main
+from data import (UserError, atomic_write, format_seconds, fsync_path, interrupt_note, load_model, parse_flags,
+                  resolve_model, run_main, setup_distributed)
 
 METHODS = ("tinyllm", "finetune", "kd", "dss", "lora", "inference")
 ANSWER_TASK = "answer"
@@ -92,14 +93,6 @@ class TrainConfig:
     stop_at: int = 0  # stop after this step (the schedule still spans the full run; RESUME=1 continues)
     eval_batch_size: int = 32  # questions per forward pass in validation
     max_new_tokens: int = 64  # the longest generated answer in validation, in tokens
-
-
-def teacher_names(teachers: str) -> list[str]:
-    """"a=src b=src" (or bare names) -> ["a", "b"]: the cache has the text (read_cache checks a given source)."""
-    names = [spec.split("=", 1)[0] for spec in teachers.split()]
-    if len(set(names)) != len(names):
-        raise UserError(f"--teachers={teachers!r}: a teacher name appears twice")
-    return names
 
 
 def parse_alpha(alpha: str, names: list[str]) -> dict[str, float]:
@@ -603,14 +596,14 @@ def load_student(source: str, device: torch.device, bf16: bool = True, dtype: to
     """A hub id or folder -> the student wrapper for its architecture, on `device`: fp32 weights for training
     (bf16 autocast when `bf16`), bf16 weights for inference-only evaluation. chat / boundary: the decoder-only
     input format (-1: the checkpoint's, else the default; see student_format); T5 keeps the paper's format."""
-    model, tokenizer, kind = tinyllm.load_model(source, dtype=dtype, device=str(device))
+    model, tokenizer, kind = load_model(source, dtype=dtype, device=str(device))
     if kind == "t5":
         if chat == 1 or boundary == 1 or task_prefix == 0:
             raise UserError(f"{source}: --chat, --boundary and --task_prefix are for decoder-only students; a T5 "
                             "student reads the paper's format")
         return Seq2SeqStudent(model, tokenizer, device, bf16)
     if kind == "llama":
-        fmt = student_format(tinyllm.resolve_model(source), tokenizer, chat, boundary, task_prefix)
+        fmt = student_format(resolve_model(source), tokenizer, chat, boundary, task_prefix)
         return DecoderOnlyStudent(model, tokenizer, device, bf16, *fmt)
     raise UserError(f"{source}: model kind {kind!r} cannot be a student (T5 or LLaMA-family only)")
 
@@ -691,14 +684,12 @@ def usable_rationale(record: dict | None) -> str | None:
     return (record.get("rationale") or "").strip() or None
 
 
-def read_cache(cfg: TrainConfig, teacher: str) -> dict[str, dict]:
-    path = Path(cfg.cache) / cfg.dataset / f"{teacher}.jsonl"
-    sources = dict(spec.split("=", 1) for spec in cfg.teachers.split() if "=" in spec)  # bare names: unchecked
-    try:
-        records = tinyllm.load_rationales(cfg.cache, cfg.dataset, teacher, split="train", source=sources.get(teacher))
-    except FileNotFoundError:
-        records = {}
+def teacher_rationales(cfg: TrainConfig, teacher: str, source: str) -> dict[str, dict]:
+    """Example id -> the cached record of `teacher`'s rationale for that training example (tinyllm.load_rationales;
+    a `source` ("" for a bare name) must be the one the cache was made with); none at all is a UserError."""
+    records = tinyllm.load_rationales(cfg.cache, cfg.dataset, teacher, split="train", source=source or None)
     if not records:
+        path = tinyllm.cache_file(cfg.cache, cfg.dataset, teacher)
         raise UserError(f"no train rationales of teacher {teacher!r} in {path}: run `make rationales` "
                         f"(DATASET={cfg.dataset} TEACHERS=...) first, or fix --teachers/--cache")
     return records
@@ -706,7 +697,8 @@ def read_cache(cfg: TrainConfig, teacher: str) -> dict[str, dict]:
 
 def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> list[Task]:
     """The answer task (first) and the rationale tasks of the method."""
-    names = teacher_names(cfg.teachers)
+    sources = dict(tinyllm.parse_teachers(cfg.teachers, sources=False))
+    names = list(sources)
     alpha = parse_alpha(cfg.alpha, names)
     teacher = cfg.teacher or (names[0] if names else "")
     if cfg.method in ("dss", "kd") and teacher not in names:
@@ -715,7 +707,7 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
     if cfg.method == "kd":
         # Standard KD on the answer: the target is the option the teacher stated in its rationale; where
         # it stated none we can parse (or has no record), the gold answer stands in.
-        records = read_cache(cfg, teacher)
+        records = teacher_rationales(cfg, teacher, sources[teacher])
         stated, agree = 0, 0
         for ex in examples:
             choice = (records.get(ex.id) or {}).get("stated_answer")
@@ -729,7 +721,7 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
     if cfg.method == "tinyllm" and not names:
         raise UserError("--method=tinyllm needs at least one teacher in --teachers")
     for name in rationale_teachers:
-        records = read_cache(cfg, name)
+        records = teacher_rationales(cfg, name, sources[name])
         targets = {ex.id: text for ex in examples if (text := usable_rationale(records.get(ex.id)))}
         if not any(ex.id in records for ex in examples):  # the cache was made for other examples (another LIMIT)
             raise UserError(f"{name}: none of the {len(examples)} train examples"
@@ -919,21 +911,7 @@ def save_checkpoint(student: Student, folder: Path, trainer_state: dict | None =
 
 
 # ---------------------------------------------------------------------------------------------------
-# distributed (torchrun): NCCL on CUDA, gloo on CPU
-
-def setup_distributed(device_flag: str) -> tuple[int, int, torch.device]:
-    device = torch.device(tinyllm.resolve_device(device_flag))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
+# distributed (torchrun, set up by data.setup_distributed): sums over ranks, and validation
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     if dist.is_initialized():
@@ -971,58 +949,122 @@ def valid_accuracy(student: Student, examples: list[data.Example], cfg: TrainCon
 
 
 # ---------------------------------------------------------------------------------------------------
-# the loop (nanoT5-like: the step, then maybe_log / maybe_eval / maybe_save)
-
-
+# the loop (nanoT5-like): set-up, then per step train_step and maybe_log / maybe_eval / maybe_save
 
 @dataclass
-class Progress:
+class LoopState:
+    """Where the training loop is: the step and the best validation so far (saved in trainer_state.pt as plain
+    fields, for --resume), the wall time, and the progress line's tallies since the last log."""
     step: int = 0  # last completed optimizer step
     best_accuracy: float = -1.0
     best_step: int = 0
     logged_step: int = 0  # the step of the last flushed loss
+    first_step: int = 0  # the step this invocation started after (the ETA's rate is over its steps)
     tokens: int = 0  # tokens since the last log
     lr: float = 0.0  # the learning rate of the last step
     log_time: float = field(default_factory=time.perf_counter)
     started: float = field(default_factory=time.perf_counter)  # this invocation's start
     seconds_before: float = 0.0  # wall time of the interrupted invocations this one resumes
 
+    @classmethod
+    def resumed(cls, saved: dict) -> LoopState:
+        """The state a trainer_state.pt was saved with (maybe_save)."""
+        return cls(step=saved["step"], logged_step=saved["step"], first_step=saved["step"],
+                   best_accuracy=saved["best_accuracy"], best_step=saved["best_step"],
+                   seconds_before=saved.get("seconds", 0.0))
+
     def seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.started
 
 
 def train(cfg: TrainConfig) -> Path:
+    """Set-up, then one train_step per optimizer step, each followed by maybe_log / maybe_eval / maybe_save.
+    Returns RUN/best, the checkpoint with the best valid accuracy."""
     rank, world, device = setup_distributed(cfg.device)
     log = print if rank == 0 else (lambda *args, **kwargs: None)
-    if cfg.method not in METHODS:
-        raise UserError(f"--method={cfg.method!r}: expected one of {', '.join(METHODS)}")
     run = run_folder(cfg)
     if cfg.method == "inference":
         log(f"--method=inference trains nothing: `make eval METHOD=inference` evaluates {cfg.student} as is")
         return run
+    check_config(cfg, world)
+    torch.manual_seed(cfg.seed)
+    train_examples, valid_examples = training_examples(cfg)
+    tasks = build_tasks(cfg, train_examples, log)
+    saved = resume_state(cfg, run)
+    student = prepare_student(cfg, run, device, world, saved, log)
+    rows = encode_rows(student, train_examples, tasks, cfg)
+    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    optimizer, scheduler = make_optimizer(cfg, student, total, saved)
+    state = LoopState.resumed(saved) if saved else LoopState()
+    if saved:
+        log(f"resuming {run} at step {state.step}/{total}")
+    metrics = run / "metrics.jsonl"
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        trim_metrics(metrics, state.step)
+    log(f"training {cfg.student} ({student.kind}) with {cfg.method} on {cfg.dataset}: {len(train_examples)} examples, "
+        f"tasks {', '.join(t.name for t in tasks)}, {total} steps of {cfg.batch_size} on {world} x {device}"
+        f"{' (bf16 autocast)' if student.bf16 else ''}")
+    weights = torch.tensor([task.weight for task in tasks], device=device)
+    step_losses = torch.zeros(max(cfg.log_every, 1), len(tasks), device=device)  # per-step task losses
+
+    for step in range(state.step + 1, total + 1):
+        task_losses, tokens, state.lr = train_step(student, rows, weights, optimizer, scheduler, cfg, step, rank, world)
+        step_losses[(step - state.logged_step - 1) % len(step_losses)] += task_losses
+        state.step, state.tokens = step, state.tokens + tokens
+        stop = step == total or step == cfg.stop_at
+        evaluate = step == total or (step % cfg.eval_every == 0 if cfg.eval_every else step % steps_per_epoch == 0)
+        save = stop or evaluate or (cfg.save_every and step % cfg.save_every == 0)
+        if stop or evaluate or save or step - state.logged_step == len(step_losses):
+            maybe_log(step_losses, state, tasks, total, metrics, log, rank)
+        if evaluate:
+            maybe_eval(student, valid_examples, cfg, state, run, metrics, log, rank, world)
+        if save:
+            maybe_save(student, cfg, optimizer, scheduler, state, run, rank, world)
+        if evaluate or save:
+            state.log_time = time.perf_counter()  # tokens/s counts training time only
+        if stop:
+            break
+    return finish(run, state, len(train_examples), total, metrics, log, rank, world)
+
+
+def check_config(cfg: TrainConfig, world: int) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"--method={cfg.method!r}: expected one of {', '.join(METHODS)}")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of processes x --grad_accum "
                         f"= {world} x {cfg.grad_accum}")
-    torch.manual_seed(cfg.seed)
 
-    limit = cfg.limit or None  # never the test split while training: best is chosen on valid
+
+def training_examples(cfg: TrainConfig) -> tuple[list[data.Example], list[data.Example]]:
+    """(train, valid): --train_limit, then the --train_fraction subset, then --limit of each. Never the test
+    split while training: RUN/best is chosen on valid."""
+    limit = cfg.limit or None
     train_examples = data.load_split(cfg.dataset, "train", cfg.data, limit=cfg.train_limit or None)
     train_examples = data.train_subset(train_examples, cfg.train_fraction, cfg.seed)[:limit]
-    valid_examples = data.load_split(cfg.dataset, "valid", cfg.data, limit=limit)
-    tasks = build_tasks(cfg, train_examples, log)
-    weights = torch.tensor([task.weight for task in tasks], device=device)
+    return train_examples, data.load_split(cfg.dataset, "valid", cfg.data, limit=limit)
 
+
+def resume_state(cfg: TrainConfig, run: Path) -> dict | None:
+    """RUN/last/trainer_state.pt with --resume=1 (checked against this run's flags), else None."""
     for folder in (run / "last", run / "best"):
         recover_checkpoint(folder)
-    state_path = run / "last" / "trainer_state.pt"
-    resume_state = None
-    if cfg.resume:
-        if not state_path.exists():
-            raise UserError(f"--resume=1 but {state_path} does not exist: nothing to resume (RESUME=0 starts over)")
-        resume_state = torch.load(state_path, map_location="cpu", weights_only=True)
-        check_resumable(cfg, resume_state["config"])
+    if not cfg.resume:
+        return None
+    path = run / "last" / "trainer_state.pt"
+    if not path.exists():
+        raise UserError(f"--resume=1 but {path} does not exist: nothing to resume (RESUME=0 starts over)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    check_resumable(cfg, saved["config"])
+    return saved
+
+
+def prepare_student(cfg: TrainConfig, run: Path, device: torch.device, world: int, saved: dict | None,
+                    log) -> Student:
+    """The student to train: --student, or RUN/last when resuming; LoRA adapters; DDP under torchrun."""
     # A LoRA run's last/ holds merged weights: resume from the frozen base plus the saved adapters.
-    source = str(run / "last") if resume_state and cfg.method != "lora" else cfg.student
+    source = str(run / "last") if saved and cfg.method != "lora" else cfg.student
     student = load_student(source, device, bool(cfg.bf16), chat=cfg.chat, boundary=cfg.boundary,
                            task_prefix=cfg.task_prefix)
     if cfg.checkpointing:
@@ -1032,152 +1074,132 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.method == "lora":
         log(f"lora: rank {cfg.lora_rank} adapters on {add_lora(student.module, cfg.lora_rank, cfg.lora_alpha)} "
             "attention projections, base frozen")
-        if resume_state:  # only the adapters: the base is the (frozen) student itself
-            load_adapters(student.module, resume_state["adapters"])
+        if saved:  # only the adapters: the base is the (frozen) student itself
+            load_adapters(student.module, saved["adapters"])
     student.module.train()
-    rows = encode_rows(student, train_examples, tasks, cfg)
+    if world > 1:  # DDP wraps the model with its loss, so that one forward is the whole objective
+        student.train_objective = nn.parallel.DistributedDataParallel(
+            student.objective, device_ids=[device.index] if device.type == "cuda" else None)
+    return student
 
-    steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+
+def make_optimizer(cfg: TrainConfig, student: Student, total: int, saved: dict | None):
+    """AdamW over the trainable parameters, and a linear warmup then linear decay to 0 over `total` steps."""
     params = [p for p in student.module.parameters() if p.requires_grad]
     # fused: one kernel for the whole update, on CUDA and on CPU (measured on CPU, 74M parameters:
     # 0.055 s a step against 0.95 s for the per-tensor loop)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(cfg.warmup_steps, 1), max(total - s, 0) / max(total - cfg.warmup_steps, 1)))
-    progress = Progress()
-    if resume_state:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        progress.step = progress.logged_step = resume_state["step"]
-        progress.best_accuracy, progress.best_step = resume_state["best_accuracy"], resume_state["best_step"]
-        progress.seconds_before = resume_state.get("seconds", 0.0)
-        log(f"resuming {run} at step {progress.step}/{total}")
-    if world > 1:  # DDP wraps the model with its loss, so that one forward is the whole objective
-        student.train_objective = nn.parallel.DistributedDataParallel(
-            student.objective, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = run / "metrics.jsonl"
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        trim_metrics(metrics, progress.step)
-
-    log(f"training {cfg.student} ({student.kind}) with {cfg.method} on {cfg.dataset}: {len(train_examples)} examples, "
-        f"tasks {', '.join(t.name for t in tasks)}, {total} steps of {cfg.batch_size} on {world} x {device}"
-        f"{' (bf16 autocast)' if student.bf16 else ''}")
-    step_losses = torch.zeros(max(cfg.log_every, 1), len(tasks), device=device)  # per-step task losses
-    start_step, start_time = progress.step, time.perf_counter()
-    step = progress.step
-    for step in range(progress.step + 1, total + 1):
-        # Every step's randomness (dropout) is a function of (seed, step, rank): resume needs no saved RNG.
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-        batch = global_batch(len(train_examples), cfg.batch_size, step, cfg.seed)
-        micro_batches, task_tokens, tokens = shard_step(rows, batch, len(tasks), rank, world, cfg.grad_accum)
-        task_tokens = torch.tensor(task_tokens, dtype=torch.float32).to(device, non_blocking=True)
-        slot = (step - progress.logged_step - 1) % len(step_losses)
-        try:
-            for j, micro in enumerate(micro_batches):
-                sync = j == len(micro_batches) - 1 or world == 1
-                with contextlib.nullcontext() if sync else student.train_objective.no_sync():
-                    loss, task_losses = micro_batch_loss(student, micro, weights, task_tokens, world)
-                    loss.backward()
-                step_losses[slot] += task_losses
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            optimizer.step()
-            progress.lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        except torch.OutOfMemoryError:
-            raise UserError(f"out of {device.type} memory at step {step} (batch {cfg.batch_size}, grad_accum "
-                            f"{cfg.grad_accum}): try a smaller --batch_size with --grad_accum (e.g. "
-                            f"ARGS=\"--grad_accum={2 * cfg.grad_accum}\") or a shorter --max_input_tokens") from None
-        progress.step, progress.tokens = step, progress.tokens + tokens
-
-        stop = step == total or step == cfg.stop_at
-        evaluate = step == total or (step % cfg.eval_every == 0 if cfg.eval_every else step % steps_per_epoch == 0)
-        save = stop or evaluate or (cfg.save_every and step % cfg.save_every == 0)
-        if stop or evaluate or save or step - progress.logged_step == len(step_losses):
-            maybe_log(step_losses, progress, tasks, total, start_step, start_time, metrics, log, rank)
-        if evaluate:
-            maybe_eval(student, valid_examples, cfg, progress, run, metrics, log, rank, world)
-        if save:
-            maybe_save(student, cfg, optimizer, scheduler, progress, run, rank, world)
-        if evaluate or save:
-            progress.log_time = time.perf_counter()  # tokens/s counts training time only
-        if stop:
-            break
-    if world > 1:
-        dist.barrier()
-    best = run / "best"
-    if rank == 0:  # what the table shows as the run's training time
-        summary = {"seconds": round(progress.seconds(), 1), "steps": step, "examples": len(train_examples),
-                   "best_step": progress.best_step, "best_valid_accuracy": progress.best_accuracy}
-        tinyllm.atomic_write(run / "train.json", (json.dumps(summary, indent=2) + "\n").encode())
-    log(f"checkpoint: {best} (valid accuracy {progress.best_accuracy:.4f} at step {progress.best_step}); "
-        f"last: {run / 'last'} (step {step}/{total}); metrics: {metrics}")
-    return best
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    return optimizer, scheduler
 
 
-def maybe_log(step_losses: Tensor, progress: Progress, tasks: list[Task], total: int, start_step: int,
-              start_time: float, metrics: Path, log, rank: int) -> None:
+def train_step(student: Student, rows: list[list[tuple]], weights: Tensor, optimizer, scheduler, cfg: TrainConfig,
+               step: int, rank: int, world: int) -> tuple[Tensor, int, float]:
+    """Optimizer step `step` on Eq. 2 over its global batch, this rank's share in --grad_accum micro-batches:
+    (this rank's share of each task's loss (n_tasks,), the step's tokens, the learning rate the step used)."""
+    # Every step's randomness (dropout) is a function of (seed, step, rank): resume needs no saved RNG.
+    torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+    batch = global_batch(len(rows), cfg.batch_size, step, cfg.seed)
+    micro_batches, task_tokens, tokens = shard_step(rows, batch, len(weights), rank, world, cfg.grad_accum)
+    task_tokens = torch.tensor(task_tokens, dtype=torch.float32).to(student.device, non_blocking=True)
+    task_losses = torch.zeros(len(weights), device=student.device)
+    try:
+        for j, micro in enumerate(micro_batches):
+            sync = j == len(micro_batches) - 1 or world == 1
+            with contextlib.nullcontext() if sync else student.train_objective.no_sync():
+                loss, micro_losses = micro_batch_loss(student, micro, weights, task_tokens, world)
+                loss.backward()
+            task_losses += micro_losses
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.clip)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError:
+        raise UserError(f"out of {student.device.type} memory at step {step} (batch {cfg.batch_size}, grad_accum "
+                        f"{cfg.grad_accum}): try a smaller --batch_size with --grad_accum (e.g. "
+                        f"ARGS=\"--grad_accum={2 * cfg.grad_accum}\") or a shorter --max_input_tokens") from None
+    return task_losses, tokens, lr
+
+
+def maybe_log(step_losses: Tensor, state: LoopState, tasks: list[Task], total: int, metrics: Path, log,
+              rank: int) -> None:
     """Flush the per-step losses (the one host sync), stop on a non-finite one, print the progress line."""
-    n = progress.step - progress.logged_step
+    n = state.step - state.logged_step
     losses = all_reduce_sum(step_losses[:n].clone()).cpu()  # (n, n_tasks): every rank's share summed
     step_losses.zero_()
     for i, row in enumerate(losses):
         bad = [task.name for task, value in zip(tasks, row.tolist()) if not math.isfinite(value)]
         if bad:
-            raise UserError(f"non-finite loss at step {progress.logged_step + i + 1} in task {bad[0]} "
+            raise UserError(f"non-finite loss at step {state.logged_step + i + 1} in task {bad[0]} "
                             f"({', '.join(bad)}): lower --lr, check the data, or try --bf16=0")
     now = time.perf_counter()
     mean = losses.mean(dim=0).tolist()
-    lr = progress.lr
-    tokens_per_s = progress.tokens / max(now - progress.log_time, 1e-9)
-    eta = (now - start_time) / max(progress.step - start_step, 1) * (total - progress.step)
-    log(f"step {progress.step}/{total} | " + " ".join(f"{t.name} {v:.4f}" for t, v in zip(tasks, mean))
-        + f" | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | ETA {format_seconds(eta)}", flush=True)
+    tokens_per_s = state.tokens / max(now - state.log_time, 1e-9)
+    eta = (now - state.started) / max(state.step - state.first_step, 1) * (total - state.step)
+    log(f"step {state.step}/{total} | " + " ".join(f"{t.name} {v:.4f}" for t, v in zip(tasks, mean))
+        + f" | lr {state.lr:.2e} | {tokens_per_s:,.0f} tok/s | ETA {format_seconds(eta)}", flush=True)
     if rank == 0:
         with open(metrics, "a") as f:
             for i, row in enumerate(losses.tolist()):
-                f.write(json.dumps({"step": progress.logged_step + i + 1,
+                f.write(json.dumps({"step": state.logged_step + i + 1,
                                     "loss": {t.name: v for t, v in zip(tasks, row)}}) + "\n")
-            f.write(json.dumps({"step": progress.step, "lr": lr, "tokens_per_s": tokens_per_s}) + "\n")
-    progress.logged_step, progress.tokens, progress.log_time = progress.step, 0, now
+            f.write(json.dumps({"step": state.step, "lr": state.lr, "tokens_per_s": tokens_per_s}) + "\n")
+    state.logged_step, state.tokens, state.log_time = state.step, 0, now
 
 
-def maybe_eval(student: Student, valid_examples: list[data.Example], cfg: TrainConfig, progress: Progress, run: Path,
+def maybe_eval(student: Student, valid_examples: list[data.Example], cfg: TrainConfig, state: LoopState, run: Path,
                metrics: Path, log, rank: int, world: int) -> None:
     """Valid accuracy; RUN/best follows the best one (the test split is never looked at in training)."""
     accuracy_ = valid_accuracy(student, valid_examples, cfg, rank, world)
-    improved = accuracy_ > progress.best_accuracy
+    improved = accuracy_ > state.best_accuracy
     if improved:
-        progress.best_accuracy, progress.best_step = accuracy_, progress.step
+        state.best_accuracy, state.best_step = accuracy_, state.step
         if rank == 0:
             save_checkpoint(student, run / "best")
-    log(f"step {progress.step}: valid accuracy {accuracy_:.4f} (best {progress.best_accuracy:.4f} at step "
-        f"{progress.best_step}){' -> saved ' + str(run / 'best') if improved else ''}", flush=True)
+    log(f"step {state.step}: valid accuracy {accuracy_:.4f} (best {state.best_accuracy:.4f} at step "
+        f"{state.best_step}){' -> saved ' + str(run / 'best') if improved else ''}", flush=True)
     if rank == 0:
         with open(metrics, "a") as f:
-            f.write(json.dumps({"step": progress.step, "valid_accuracy": accuracy_}) + "\n")
+            f.write(json.dumps({"step": state.step, "valid_accuracy": accuracy_}) + "\n")
 
 
-def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, progress: Progress, run: Path, rank: int,
+def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, state: LoopState, run: Path, rank: int,
                world: int) -> None:
     """RUN/last with what RESUME=1 needs: optimizer, scheduler, step, best so far (and LoRA adapters)."""
     if rank == 0:
-        state = {"step": progress.step, "best_accuracy": progress.best_accuracy, "best_step": progress.best_step,
-                 "seconds": progress.seconds(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "config": dataclasses.asdict(cfg)}
+        trainer_state = {"step": state.step, "best_accuracy": state.best_accuracy, "best_step": state.best_step,
+                         "seconds": state.seconds(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "config": dataclasses.asdict(cfg)}
         if cfg.method == "lora":
-            state["adapters"] = adapter_state(student.module)
-        save_checkpoint(student, run / "last", state)
+            trainer_state["adapters"] = adapter_state(student.module)
+        save_checkpoint(student, run / "last", trainer_state)
     if world > 1:
         dist.barrier()
 
 
+def finish(run: Path, state: LoopState, examples: int, total: int, metrics: Path, log, rank: int, world: int) -> Path:
+    """RUN/train.json, written when training ends (what the table shows as the run's training time)."""
+    if world > 1:
+        dist.barrier()
+    best = run / "best"
+    if rank == 0:
+        summary = {"seconds": round(state.seconds(), 1), "steps": state.step, "examples": examples,
+                   "best_step": state.best_step, "best_valid_accuracy": state.best_accuracy}
+        atomic_write(run / "train.json", json.dumps(summary, indent=2) + "\n")
+    log(f"checkpoint: {best} (valid accuracy {state.best_accuracy:.4f} at step {state.best_step}); "
+        f"last: {run / 'last'} (step {state.step}/{total}); metrics: {metrics}")
+    return best
+
+
 RESUME_FIELDS = ("dataset", "student", "method", "teacher", "teachers", "alpha", "limit", "train_limit",
-                 "train_fraction", "chat", "boundary", "batch_size", "epochs",
+                 "train_fraction", "chat", "boundary", "task_prefix", "batch_size", "epochs",
                  "seed", "lr", "warmup_steps", "max_input_tokens", "max_target_tokens", "lora_rank", "lora_alpha")
 
 

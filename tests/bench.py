@@ -83,7 +83,7 @@ import prompts  # noqa: E402
 import t5  # noqa: E402
 import tinyllm  # noqa: E402
 import train  # noqa: E402
-from tinyllm import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
+from data import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
 
 
 @dataclass
@@ -989,7 +989,7 @@ def main(argv: list[str]) -> list[dict]:
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = time.perf_counter() - start
     report = dict(machine=info, entries=entries)
-    tinyllm.atomic_write(out / "bench.json", (json.dumps(report, indent=2) + "\n").encode())
+    data.atomic_write(out / "bench.json", json.dumps(report, indent=2) + "\n")
     print()
     print(table(entries))
     print(f"\n{len(entries)} entries in {info['seconds']:.0f}s, load average {info['loadavg_start'][0]:.2f} at start, "

@@ -398,9 +398,9 @@ def test_help_lists_every_field_with_its_type_default_and_comment():
         assert_lists_every_field(result.stdout, command, config_class(module, name))
 
 
-@pytest.mark.parametrize("script,command,config", [("tinyllm", "sweep", "SweepConfig"),
-                                                   ("tinyllm", "fractions", "FractionsConfig"),
-                                                   ("tinyllm", "ablations", "AblationsConfig"),
+@pytest.mark.parametrize("script,command,config", [("eval", "sweep", "SweepConfig"),
+                                                   ("eval", "fractions", "FractionsConfig"),
+                                                   ("eval", "ablations", "AblationsConfig"),
                                                    ("eval", "report", "ReportConfig")])
 def test_help_of_the_other_commands(script, command, config, capsys, monkeypatch):
     module = importlib.import_module(script)

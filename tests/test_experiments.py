@@ -1,4 +1,4 @@
-"""The paper's experiments as commands (tinyllm.py sweep / fractions / ablations) and what eval.py makes of
+"""The paper's experiments as commands (eval.py sweep / fractions / ablations) and what eval.py makes of
 them (tables, JSON summaries, figures, report.md): the α sweep (§4.1, Fig. 3), training fractions (Fig. 2)
 and ablations (Table 2). End to end on tiny random weights with the released rationales (LIMIT=4), and on
 hand-made results wherever the numbers (selection on valid, mean ± std over seeds) must come out exact."""
@@ -125,7 +125,7 @@ def test_make_sweep_two_by_two_end_to_end_then_make_report(workspace, tmp_path):
 
     printed = make("report", f"OUT={out}")
     report = (root / "report.md").read_text()
-    assert "python tinyllm.py sweep" in report and "[sweep.md](sweep.md)" in report and "[sweep.json](sweep.json)" in report
+    assert "python eval.py sweep" in report and "[sweep.md](sweep.md)" in report and "[sweep.json](sweep.json)" in report
     assert (root / "sweep.md").read_text().strip() in report
     assert ("![α per teacher (§4.1, Fig. 3)](sweep.png)" in report) == HAS_MATPLOTLIB
     for name in names:
@@ -137,11 +137,17 @@ def test_make_sweep_two_by_two_end_to_end_then_make_report(workspace, tmp_path):
         assert f"training curves: not drawn, {evaluation.MATPLOTLIB_HINT}" in printed
 
 
+@pytest.mark.parametrize("command", ["sweep", "fractions", "ablations"])
+def test_the_experiments_once_in_tinyllm_py_say_where_they_are_now(command):
+    with pytest.raises(SystemExit, match=rf"^`python tinyllm.py {command}` is now `python eval.py {command}`"):
+        tinyllm.main([command, "--dataset=obqa"])
+
+
 def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_path, monkeypatch):
     """Killed while evaluating its second run: started again, the first run is kept as is (not trained or
     evaluated again, results.json untouched) and the second is only evaluated; a run whose training had
     saved last/ but not finished continues from it (--resume) instead of starting over."""
-    cfg = tinyllm.parse_flags(tinyllm.SweepConfig, experiment_flags(workspace, tmp_path, sweep="flan-t5-xl=0,1 llama-2=1"))
+    cfg = data.parse_flags(evaluation.SweepConfig, experiment_flags(workspace, tmp_path, sweep="flan-t5-xl=0,1 llama-2=1"))
     first, second = tmp_path / "obqa" / "sweep" / "flan-t5-xl=0,llama-2=1", tmp_path / "obqa" / "sweep" / "flan-t5-xl=1,llama-2=1"
     real_train, real_evaluate = train.train, evaluation.evaluate
     trained, evaluated, kill = [], [], [True]
@@ -163,12 +169,12 @@ def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_pat
     monkeypatch.setattr(train, "train", counted_train)
     monkeypatch.setattr(evaluation, "evaluate", killed_evaluate)
     with pytest.raises(Killed):
-        tinyllm.sweep(cfg)
+        evaluation.sweep(cfg)
     assert [t.out for t in trained] == [str(first), str(second)] and not (second / "results.json").exists()
     finished = (first / "results.json").stat().st_mtime_ns
     trained.clear(), evaluated.clear()
 
-    summary = tinyllm.sweep(cfg)
+    summary = evaluation.sweep(cfg)
     assert trained == [] and evaluated == [str(second)]  # the second is evaluated, nothing is trained again
     assert (first / "results.json").stat().st_mtime_ns == finished
     assert [row["folder"] for row in summary["rows"]] == [str(first), str(second)]
@@ -178,7 +184,7 @@ def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_pat
     for name in ("train.json", "results.json"):
         (second / name).unlink()
     trained.clear(), evaluated.clear()
-    tinyllm.sweep(cfg)
+    evaluation.sweep(cfg)
     assert [(t.out, t.resume) for t in trained] == [(str(second), 1)] and evaluated == [str(second)]
     assert (second / "metrics.jsonl").read_text() == steps  # no step trained again
     assert (first / "results.json").stat().st_mtime_ns == finished
@@ -191,8 +197,8 @@ def test_the_sweep_chooses_on_valid_where_valid_and_test_disagree(tmp_path, no_t
     """a=0 b=1 is best on valid (50) and a=1 b=1 on test (60): the sweep picks a=0 b=1."""
     for (a, b), (valid, test) in SWEEP_SCORES.items():
         write_results(tmp_path / "obqa" / "sweep" / f"a={a},b={b}", valid, test)
-    cfg = tinyllm.SweepConfig(teachers="a=release:x b=release:y", sweep="a=0,1 b=0,1", out=str(tmp_path))
-    summary = tinyllm.sweep(cfg)
+    cfg = evaluation.SweepConfig(teachers="a=release:x b=release:y", sweep="a=0,1 b=0,1", out=str(tmp_path))
+    summary = evaluation.sweep(cfg)
     assert summary["best"]["alpha"] == {"a": 0, "b": 1} and summary["best"]["alpha_flag"] == "a=0 b=1"
     assert (summary["best"]["valid"], summary["best"]["test"]) == (0.50, 0.40)
     assert max(summary["rows"], key=lambda row: row["test"])["alpha"] == {"a": 1, "b": 1}  # what test would pick
@@ -204,10 +210,10 @@ def test_the_sweep_chooses_on_valid_where_valid_and_test_disagree(tmp_path, no_t
 
 def test_sweep_grid_and_flags_are_checked_before_anything_runs(tmp_path, no_training):
     def sweep(*flags: str) -> None:
-        tinyllm.sweep(tinyllm.parse_flags(tinyllm.SweepConfig, ["--teachers=a=release:x b=release:y",
+        evaluation.sweep(data.parse_flags(evaluation.SweepConfig, ["--teachers=a=release:x b=release:y",
                                                                 f"--out={tmp_path}", *flags]))
 
-    assert tinyllm.sweep_grid(tinyllm.SweepConfig(alphas="0.01,0.1 1"), ["a", "b"]) == {"a": [0.01, 0.1, 1],
+    assert evaluation.sweep_grid(evaluation.SweepConfig(alphas="0.01,0.1 1"), ["a", "b"]) == {"a": [0.01, 0.1, 1],
                                                                                          "b": [0.01, 0.1, 1]}
     with pytest.raises(SystemExit, match="--sweep gives no α for b: an explicit grid names every teacher"):
         sweep("--sweep=a=0.1,1")
@@ -232,7 +238,8 @@ def test_experiment_rows_over_seeds_give_the_mean_and_sample_standard_deviation(
     """A sweep row over seed<N>/ folders, hand-made: valid 20, 40, 60 -> 40.00 ± 20.00."""
     for seed, (valid, test) in enumerate(((0.2, 0.1), (0.4, 0.1), (0.6, 0.4))):
         write_results(tmp_path / "obqa" / "sweep" / "a=1" / f"seed{seed}", valid, test)
-    summary = tinyllm.sweep(tinyllm.SweepConfig(teachers="a=release:x", alphas="1", seeds="0 1 2", out=str(tmp_path)))
+    cfg = evaluation.SweepConfig(teachers="a=release:x", alphas="1", seeds="0 1 2", out=str(tmp_path))
+    summary = evaluation.sweep(cfg)
     row = summary["rows"][0]
     assert row["runs"] == 3 and summary["seeds"] == [0, 1, 2]
     assert row["valid"] == pytest.approx(0.4) and row["valid_std"] == pytest.approx(0.2)
@@ -245,10 +252,10 @@ def test_experiment_rows_over_seeds_give_the_mean_and_sample_standard_deviation(
 def test_fractions_with_seeds_end_to_end(workspace, tmp_path, capsys):
     """Fig. 2 with SEEDS: fractions/<method>/<fraction>/seed<N>/, each trained on its fraction with its seed;
     the table and fractions.json hold the mean and standard deviation of the seeds' results."""
-    cfg = tinyllm.parse_flags(tinyllm.FractionsConfig, experiment_flags(
+    cfg = data.parse_flags(evaluation.FractionsConfig, experiment_flags(
         workspace, tmp_path, teachers="llama-2=release:llama-2", fractions="1 0.5", methods="dss finetune",
         seeds="0 1"))
-    summary = tinyllm.fractions(cfg)
+    summary = evaluation.fractions(cfg)
     assert [(row["run"], row["fraction"]) for row in summary["rows"]] == [
         ("dss-llama-2", 0.5), ("dss-llama-2", 1.0), ("finetune", 0.5), ("finetune", 1.0)]
     for row in summary["rows"]:
@@ -273,7 +280,7 @@ def test_ablations_with_release_teachers_say_they_cannot_be_re_prompted(tmp_path
     root = tmp_path / "obqa" / "ablations"
     for name, accuracy in (("tinyllm", 0.60), ("without-a", 0.50), ("without-b", 0.55)):
         write_results(root / name, accuracy, accuracy)
-    summary = tinyllm.ablations(tinyllm.AblationsConfig(teachers="a=release:flan-t5-xl b=release:llama-2",
+    summary = evaluation.ablations(evaluation.AblationsConfig(teachers="a=release:flan-t5-xl b=release:llama-2",
                                                         out=str(tmp_path)))
     assert [row["name"] for row in summary["rows"]] == ["tinyllm", "without-a", "without-b", "k0", "teacher_forcing0"]
     printed = capsys.readouterr().out
@@ -290,9 +297,9 @@ def test_ablations_with_a_live_teacher_re_prompt_into_their_own_caches(workspace
     teachers = f"tiny={workspace['student']}"
     tinyllm.rationales(tinyllm.RationalesConfig(teachers=teachers, data=str(workspace["data"]), cache=str(cache),
                                                 limit=4, device="cpu", max_new_tokens=8))
-    cfg = tinyllm.parse_flags(tinyllm.AblationsConfig, experiment_flags(
+    cfg = data.parse_flags(evaluation.AblationsConfig, experiment_flags(
         workspace, tmp_path / "out", teachers=teachers, cache=cache, rationales_args="--max_new_tokens=8"))
-    summary = tinyllm.ablations(cfg)
+    summary = evaluation.ablations(cfg)
     rows = {row["name"]: row for row in summary["rows"]}
     assert list(rows) == ["tinyllm", "without-tiny", "k0", "teacher_forcing0"]
     main = tinyllm.load_rationales(cache, "obqa", "tiny")
@@ -330,10 +337,10 @@ def run_every_summary(out: Path) -> None:
     (root / "tinyllm" / "seed0" / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in log + [{"step": 4, "valid_accuracy": 0.55}]))
     teachers = "a=release:flan-t5-xl b=release:llama-2"
-    tinyllm.sweep(tinyllm.SweepConfig(teachers=teachers, sweep="a=0,1 b=0,1", out=str(out)))
-    tinyllm.fractions(tinyllm.FractionsConfig(teachers=teachers, fractions="0.5 1", methods="tinyllm finetune",
+    evaluation.sweep(evaluation.SweepConfig(teachers=teachers, sweep="a=0,1 b=0,1", out=str(out)))
+    evaluation.fractions(evaluation.FractionsConfig(teachers=teachers, fractions="0.5 1", methods="tinyllm finetune",
                                               out=str(out)))
-    tinyllm.ablations(tinyllm.AblationsConfig(teachers=teachers, out=str(out)))
+    evaluation.ablations(evaluation.AblationsConfig(teachers=teachers, out=str(out)))
     evaluation.main(["table", f"--out={out}"])
     evaluation.main(["report", f"--out={out}"])
 

@@ -14,6 +14,14 @@ TORCH_DEPENDENCIES = {"jinja2"}
 # Imported lazily, only on the paths that need them: the optional extras for tokenizer.json models
 # (Llama-3, Qwen2, SmolLM2) and for the PNG figures of eval.py (tables still print without it).
 LAZY_PACKAGES = {"tokenizers", "matplotlib"}
+# The top-level modules by floor, the ground first. A module imports only modules on floors below its own, at the
+# top of the file: no import circle, and every file reads with only what it stands on.
+FLOORS = [("t5", "llama"),  # the models: no project import at all, each stands alone
+          ("data",),  # datasets and checkpoints in; the flags, errors, files and devices every script shares
+          ("prompts",),  # every prompt and the parsing of model text
+          ("tinyllm",),  # the teachers and the rationale cache
+          ("train",),  # the student and its training loop
+          ("eval",)]  # evaluation, the tables and figures, and the experiments that fill them
 MAKE_VARIABLES = ["DATASET", "TEACHERS", "STUDENT", "ALPHA", "METHOD", "DEVICE", "LIMIT", "DATA", "CACHE", "OUT",
                   "SEEDS", "ALPHAS", "SWEEP", "FRACTIONS", "METHODS"]
 
@@ -49,6 +57,36 @@ def test_runtime_scripts_import_only_runtime_packages_at_top_level():
                     root = mod.split(".")[0]
                     assert root in stdlib | local | RUNTIME_PACKAGES | TORCH_DEPENDENCIES | LAZY_PACKAGES | {"__future__", ""}, \
                         f"{script} imports {mod}"
+
+
+def test_modules_import_only_floors_below_their_own_at_the_top_of_the_file():
+    floor = {module: level for level, modules in enumerate(FLOORS) for module in modules}
+    assert sorted(f"{module}.py" for module in floor) == sorted(RUNTIME_SCRIPTS)
+    problems = []
+    for module, level in floor.items():
+        tree = ast.parse((REPO / f"{module}.py").read_text(), filename=f"{module}.py")
+        top_level = {id(node) for node in tree.body}
+        for node in ast.walk(tree):  # every import, module-level or inside a function
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for imported in (name.split(".")[0] for name in names if name.split(".")[0] in floor):
+                where = f"{module}.py:{node.lineno} imports {imported}"
+                if floor[imported] >= level:
+                    problems.append(f"{where}, on floor {floor[imported]}, not below its own floor {level}")
+                if id(node) not in top_level:
+                    problems.append(f"{where} inside a function or block, not at the top of the file")
+    assert not problems, "\n".join(problems)
+
+
+def test_modules_open_with_a_one_line_docstring_naming_their_role():
+    for script in RUNTIME_SCRIPTS:
+        docstring = ast.get_docstring(ast.parse((REPO / script).read_text())) or ""
+        first, _, rest = docstring.partition("\n")
+        assert first.endswith(".") and (not rest or rest.startswith("\n")), f"{script}: {first!r} is not one line"
 
 
 def test_make_help_lists_targets_and_variables_with_defaults():

@@ -368,7 +368,7 @@ def hub(tmp_path, serve_folder, monkeypatch):
             path = root / repo / "resolve" / revision / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
-        for name in (*files, tinyllm.HUB_CONFIG, *tinyllm.HUB_OPTIONAL, "model.safetensors",
+        for name in (*files, data.HUB_CONFIG, *data.HUB_OPTIONAL, "model.safetensors",
                      "model.safetensors.index.json"):
             url_path = f"/{repo}/resolve/{revision}/{name}"
             server.hooks.setdefault(url_path, record_and_serve)
@@ -387,15 +387,15 @@ BASE_FILES = {"config.json": b'{"model_type": "t5"}', "spiece.model": b"sentence
 
 def test_hub_single_file_with_token(hub, tmp_path):
     hub.add("org/tiny", "main", {**BASE_FILES, "model.safetensors": WEIGHTS})
-    folder = tinyllm.resolve_model("org/tiny")
+    folder = data.resolve_model("org/tiny")
     assert folder == tmp_path / "home" / "hub" / "org--tiny" / "main"
     assert (folder / "model.safetensors").read_bytes() == WEIGHTS
     assert (folder / "config.json").read_bytes() == BASE_FILES["config.json"]
     assert not list(folder.glob("*.part")) and not (folder / "tokenizer.model").exists()
     assert {auth for _, auth, _ in hub.seen} == {"Bearer hf_secret"}
     asked = len(hub.seen)
-    assert tinyllm.resolve_model("org/tiny") == folder and len(hub.seen) == asked  # offline afterwards
-    assert tinyllm.resolve_model(str(folder)) == folder  # a folder is used as is
+    assert data.resolve_model("org/tiny") == folder and len(hub.seen) == asked  # offline afterwards
+    assert data.resolve_model(str(folder)) == folder  # a folder is used as is
 
 
 def test_hub_sharded_pinned_revision(hub, tmp_path):
@@ -404,7 +404,7 @@ def test_hub_sharded_pinned_revision(hub, tmp_path):
                                             "b.weight": "model-00002-of-00002.safetensors"}}
     hub.add("org/big", "0123abc", {**BASE_FILES, "model.safetensors.index.json": json.dumps(index).encode(), **shards})
     hub.add("org/big", "main", {"config.json": b'{"model_type": "llama"}'})  # another revision, not asked for
-    folder = tinyllm.resolve_model("org/big@0123abc")
+    folder = data.resolve_model("org/big@0123abc")
     assert folder.name == "0123abc" and json.loads((folder / "config.json").read_text())["model_type"] == "t5"
     for name, content in shards.items():
         assert (folder / name).read_bytes() == content
@@ -430,7 +430,7 @@ def test_hub_resumes_an_interrupted_download_and_checks_sha256(hub, tmp_path):
         handler.close_connection = True
 
     hub.hooks["/org/tiny/resolve/main/model.safetensors"] = flaky
-    folder = tinyllm.resolve_model("org/tiny")
+    folder = data.resolve_model("org/tiny")
     assert (folder / "model.safetensors").read_bytes() == WEIGHTS
     asked = [rng for path, _, rng in hub.seen if path.endswith("/model.safetensors")]
     assert len(asked) == 2 and asked[0] is None  # the second asks for what the first did not bring
@@ -439,7 +439,7 @@ def test_hub_resumes_an_interrupted_download_and_checks_sha256(hub, tmp_path):
     hub.add("org/bad", "main", BASE_FILES)
     hub.hooks["/org/bad/resolve/main/model.safetensors"] = lambda h: reply_bytes(h, WEIGHTS, etag="0" * 64)
     with pytest.raises(data.UserError, match="org/bad@main: model.safetensors does not match the sha256"):
-        tinyllm.resolve_model("org/bad")
+        data.resolve_model("org/bad")
 
 
 def reply_bytes(handler, content: bytes, etag: str) -> None:
@@ -453,18 +453,18 @@ def reply_bytes(handler, content: bytes, etag: str) -> None:
 def test_hub_missing_files_and_denied_access_are_clear_errors(hub):
     hub.add("org/noconfig", "main", {"spiece.model": b"x", "model.safetensors": WEIGHTS})
     with pytest.raises(data.UserError, match=r"org/noconfig@main: config.json not found \(404 from http://127"):
-        tinyllm.resolve_model("org/noconfig")
+        data.resolve_model("org/noconfig")
     hub.add("org/noweights", "main", BASE_FILES)
     with pytest.raises(data.UserError, match="org/noweights@main: neither model.safetensors nor model.safetensors.index"):
-        tinyllm.resolve_model("org/noweights")
+        data.resolve_model("org/noweights")
     hub.add("org/notokenizer", "main", {"config.json": b"{}", "model.safetensors": WEIGHTS})
     with pytest.raises(data.UserError, match="org/notokenizer@main: no tokenizer file"):
-        tinyllm.resolve_model("org/notokenizer")
+        data.resolve_model("org/notokenizer")
     hub.hooks["/org/gated/resolve/main/config.json"] = lambda h: h.send_error(401)
     with pytest.raises(data.UserError, match="org/gated@main: access denied .401.*HF_TOKEN"):
-        tinyllm.resolve_model("org/gated")
+        data.resolve_model("org/gated")
     with pytest.raises(data.UserError, match="not a folder, and not a hub id"):
-        tinyllm.resolve_model("no/such/folder")
+        data.resolve_model("no/such/folder")
 
 
 # ---- local teachers (t5.py / llama.py) on tiny random weights ------------------------------------
@@ -559,15 +559,15 @@ def test_local_llama_teacher_chat_template_and_batching(tmp_path, obqa_data, tin
 
 def test_load_model_reads_the_kind_from_config(tiny_t5, tiny_llama, tmp_path, hub):
     hub.add("google/tiny-t5", "main", {p.name: p.read_bytes() for p in tiny_t5.iterdir() if p.is_file()})
-    model, tokenizer, kind = tinyllm.load_model("google/tiny-t5")  # from the loopback hub
+    model, tokenizer, kind = data.load_model("google/tiny-t5")  # from the loopback hub
     assert kind == "t5" and tokenizer.eos_id == 1 and model.config.d_model == 32
-    model, tokenizer, kind = tinyllm.load_model(str(tiny_llama))
+    model, tokenizer, kind = data.load_model(str(tiny_llama))
     assert kind == "llama" and model.config.hidden_size == 32
     bad = tmp_path / "bert"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(data.UserError, match=r"bert/config.json: .*bert"):
-        tinyllm.load_model(str(bad))
+        data.load_model(str(bad))
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])
