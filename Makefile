@@ -30,7 +30,8 @@ SEEDS    ?=
 ALPHAS   ?= 0.01 0.1 0.5 1 2 3
 SWEEP    ?=
 FRACTIONS ?= 0.125 0.25 0.5 0.75 1
-METHODS  ?= tinyllm dss finetune
+METHODS  ?=
+DATASETS ?= $(DATASET)
 
 PYTHON   ?= python3
 VENV     := .venv
@@ -51,7 +52,7 @@ EXPERIMENT = --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" 
 
 export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
 
-.PHONY: help setup all rationales train eval table sweep fractions ablations report bench gpu-check test clean
+.PHONY: help setup all rationales train eval table sweep fractions ablations study report bench gpu-check test clean
 .DEFAULT_GOAL := help
 
 help: ## this list
@@ -80,7 +81,8 @@ help: ## this list
 	@echo "  ALPHAS=\"$(ALPHAS)\"    sweep: the α values of every teacher (grid: their product, §4.1)"
 	@echo "  SWEEP=\"$(SWEEP)\"    sweep: an explicit grid instead, every teacher named: a=0.1,1 b=1,3"
 	@echo "  FRACTIONS=\"$(FRACTIONS)\"    fractions: of the training set (Fig. 2)"
-	@echo "  METHODS=\"$(METHODS)\"    fractions: a curve each (dss: one per teacher)"
+	@echo "  METHODS=\"$(METHODS)\"    fractions: a curve each (default tinyllm dss finetune); study: compared, last - first (default finetune tinyllm)"
+	@echo "  DATASETS=\"$(DATASETS)\"    study: the datasets, each a stratum of the pooled paired analysis"
 	@echo "  run folder: $(RUN)"
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -157,10 +159,14 @@ sweep: $(STAMPS)/setup ## TinyLLM for every α combination of ALPHAS (or SWEEP),
 	$(PY) eval.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
 
 fractions: $(STAMPS)/setup ## METHODS on FRACTIONS of the training set: the Fig. 2 curve and table
-	$(PY) eval.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(METHODS)" --alpha="$(ALPHA)" $(ARGS)
+	$(PY) eval.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(or $(METHODS),tinyllm dss finetune)" --alpha="$(ALPHA)" $(ARGS)
 
 ablations: $(STAMPS)/setup ## Table 2: without each teacher, without in-context examples / teacher forcing
 	$(PY) eval.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
+
+study: $(STAMPS)/setup ## METHODS on every dataset of DATASETS per seed of SEEDS: the pooled paired verdict (OUT/study/)
+	$(PY) eval.py study $(EXPERIMENT) --datasets="$(DATASETS)" --methods="$(or $(METHODS),finetune tinyllm)" \
+	  --alpha="$(ALPHA)" $(ARGS)
 
 report: $(STAMPS)/setup ## OUT/DATASET/report.md: every table and figure there, with the commands that made them
 	$(PY) eval.py report --dataset=$(DATASET) --out=$(OUT)

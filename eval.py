@@ -543,22 +543,26 @@ class Experiment:
         self.rows.append({**row, "folder": None})
 
     def run(self) -> None:
-        """Every run not finished yet, in order; finished ones (results.json) are kept as they are."""
-        todo = [run for run in self.runs if not run.finished()]
-        done = len(self.runs) - len(todo)
-        print(f"{done} of {len(self.runs)} runs finished already (kept), {len(todo)} to run", flush=True)
-        for n, run in enumerate(todo, 1):
-            print(f"--- run {n} of {len(todo)}: {run.folder}", flush=True)
-            # Ctrl-C: finished runs keep their results.json and this one its last/: the same command goes on
-            with interrupt_note(f"{done + n - 1} of {len(self.runs)} runs are finished and kept, and {run.folder} "
-                                "keeps its last checkpoint if it saved one; the same command continues from there"):
-                run.run()
+        run_plans(self.runs)
 
     def summary(self, **extra) -> dict:
         """What write_<name> scores, prints and writes: how it was made, `extra`, and the rows."""
         cfg = self.cfg
         return dict(dataset=cfg.dataset, metric=cfg.metric, seeds=[s for s in parse_seeds(cfg.seeds) if s is not None],
                     command=command_line(self.name, cfg), **extra, rows=self.rows)
+
+
+def run_plans(runs: list[RunPlan]) -> None:
+    """Every run not finished yet, in order; finished ones (results.json) are kept as they are."""
+    todo = [run for run in runs if not run.finished()]
+    done = len(runs) - len(todo)
+    print(f"{done} of {len(runs)} runs finished already (kept), {len(todo)} to run", flush=True)
+    for n, run in enumerate(todo, 1):
+        print(f"--- run {n} of {len(todo)}: {run.folder}", flush=True)
+        # Ctrl-C: finished runs keep their results.json and this one its last/: the same command goes on
+        with interrupt_note(f"{done + n - 1} of {len(runs)} runs are finished and kept, and {run.folder} "
+                            "keeps its last checkpoint if it saved one; the same command continues from there"):
+            run.run()
 
 
 def scored(rows: list[dict], metric: str) -> list[dict]:
@@ -794,12 +798,159 @@ def write_ablations(root: Path, summary: dict) -> dict:
     return write_summary(root, "ablations", summary, lines)
 
 
+# ---- the study: TinyLLM against fine-tuning, over datasets and seeds, one pooled paired verdict
+# Each dataset is a stratum: per test question, each method's correctness averaged over the seeds; the
+# difference (last method - first) per question, its mean per dataset and pooled over every question, a 95%
+# bootstrap interval that resamples questions within each dataset, and a sign-flip permutation p. The runs
+# choose their checkpoint on valid (train.py's best/); test is only scored.
+
+@dataclass
+class StudyConfig(ExperimentConfig):
+    """`python eval.py study`: every method on every dataset, once per seed, and the pooled paired difference."""
+    datasets: str = ""  # the datasets, each a stratum of the pooled analysis ("" = --dataset)
+    methods: str = "finetune tinyllm"  # the methods compared: the difference is the last minus the first
+    alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
+    resamples: int = 10_000  # bootstrap resamples and sign flips of the analysis
+    train: int = 1  # 0: only the analysis of the runs finished so far, nothing is trained
+
+
+def study_datasets(cfg: StudyConfig) -> list[str]:
+    datasets = cfg.datasets.split() or [cfg.dataset]
+    unknown = [d for d in datasets if d not in data.DATASETS]
+    if unknown or len(set(datasets)) != len(datasets):
+        raise UserError(f"--datasets={cfg.datasets!r}: each of {', '.join(data.DATASETS)} at most once")
+    return datasets
+
+
+def study(cfg: StudyConfig) -> dict:
+    """Every method of --methods on every dataset of --datasets per seed, in OUT/study/<dataset>/<method>/[seed<N>/],
+    seed by seed (a stopped study has whole seeds first); then write_study."""
+    names = [name for name, _ in tinyllm.parse_teachers(cfg.teachers)]
+    methods = method_runs(cfg.methods, names)
+    if len(methods) < 2:
+        raise UserError(f"--methods={cfg.methods!r}: a study compares two methods or more (the last minus the first)")
+    root = Path(cfg.out) / "study"
+    rows, runs = [], []
+    for dataset in study_datasets(cfg):
+        sub = dataclasses.replace(cfg, dataset=dataset, out=str(root))
+        check_experiment(sub)
+        for run, method, teacher in methods:
+            folder = root / dataset / run
+            plans = plan_runs(sub, "study", folder, method=method, teacher=teacher, alpha=cfg.alpha)
+            rows.append(dict(dataset=dataset, run=run, method=method, folder=str(folder)))
+            runs.append(plans)
+    if cfg.train:
+        run_plans([plans[k] for k in range(len(runs[0])) for plans in runs])  # seed-major order
+    summary = dict(datasets=study_datasets(cfg), methods=[run for run, _, _ in methods], metric=cfg.metric,
+                   seeds=[s for s in parse_seeds(cfg.seeds) if s is not None], resamples=cfg.resamples,
+                   command=command_line("study", cfg), rows=rows)
+    return write_study(root, summary)
+
+
+def question_scores(folder: Path, metric: str, split: str = "test") -> dict[str, dict[str, bool]]:
+    """Seed name ("" for a run without seeds) -> {question id: correct} of every finished run of a row."""
+    seeds = sorted(path.parent for path in folder.glob("seed*/results.json"))
+    runs = {seed.name: seed for seed in seeds} or ({"": folder} if (folder / "results.json").is_file() else {})
+    return {name: correct_by_id(Run(folder.name, "", {}, path), metric, split) for name, path in runs.items()}
+
+
+def paired_stratum(first: dict[str, dict[str, bool]], last: dict[str, dict[str, bool]]) -> np.ndarray | None:
+    """Per question (sorted ids), the last method's correctness averaged over the seeds both have finished
+    minus the first's: values in [-1, 1]. None when no seed is finished for both."""
+    seeds = sorted(first.keys() & last.keys())
+    if not seeds:
+        return None
+    ids = sorted(first[seeds[0]])
+    if any(sorted(runs[seed]) != ids for runs in (first, last) for seed in seeds):
+        raise UserError("study: the runs of one dataset scored different test questions: evaluate all with the same --limit")
+    return np.array([np.mean([last[s][i] for s in seeds]) - np.mean([first[s][i] for s in seeds]) for i in ids])
+
+
+def study_analysis(strata: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict:
+    """Per dataset and pooled: the mean per-question difference in points, its 95% bootstrap interval (within
+    each dataset) and the sign-flip p."""
+    def one(diffs: list[np.ndarray]) -> dict:
+        pooled = np.concatenate(diffs)
+        low, high = bootstrap_interval(diffs, resamples, seed)
+        return dict(n=len(pooled), diff=100 * float(pooled.mean()), low=low, high=high,
+                    p=sign_flip_p(pooled, resamples, seed))
+
+    return dict(datasets={name: one([d]) for name, d in strata.items()},
+                pooled=one(list(strata.values())) if strata else None)
+
+
+def write_study(root: Path, summary: dict) -> dict:
+    """The study's table: each method's valid and test score per dataset (mean ± std over seeds, wall time), the
+    paired difference per dataset and pooled, and the pooled verdict in one sentence."""
+    metric, methods = summary["metric"], summary["methods"]
+    first, last = methods[0], methods[-1]
+    cells, strata, seeds_used = {}, {}, {}
+    for row in summary["rows"]:
+        run = load_run(Path(row["folder"]))
+        row.update(valid=None, valid_std=None, test=None, test_std=None, seconds=None, runs=0)
+        if run is not None:
+            row.update(valid=run.score(metric, "valid"), valid_std=run.spread(metric, "valid"),
+                       test=run.score(metric, "test"), test_std=run.spread(metric, "test"), seconds=run.seconds(),
+                       runs=len(run.seed_runs) or 1)
+        cells[row["dataset"], row["run"]] = row
+    for dataset in summary["datasets"]:
+        a = question_scores(Path(cells[dataset, first]["folder"]), metric)
+        b = question_scores(Path(cells[dataset, last]["folder"]), metric)
+        diff = paired_stratum(a, b)
+        if diff is not None:
+            strata[dataset] = diff
+            seeds_used[dataset] = len(a.keys() & b.keys())
+    analysis = study_analysis(strata, summary["resamples"])
+    summary.update(analysis=analysis, seeds_used=seeds_used)
+    label = {run: row_label(run, cells[summary["datasets"][0], run]["method"]) for run in methods}
+    comparison = f"{label[last]} − {label[first]}"
+    lines = [f"study: {comparison} on test, {metric} in points; per question the mean over seeds; 95% interval: "
+             f"paired bootstrap within each dataset ({summary['resamples']:,} resamples, seed 0); p: sign-flip "
+             "permutation (two-sided)", ""]
+    pooled = analysis["pooled"]
+    if pooled is not None:
+        lines += [verdict(comparison, pooled, len(strata)), ""]
+    lines += ["| dataset | " + " | ".join(f"{label[m]} valid | {label[m]} test" for m in methods) +
+              f" | Δ test | 95% CI | p | seeds | questions | wall time ({', '.join(label[m] for m in methods)}) |",
+              "|---|" + "---:|---:|" * len(methods) + "---:|---:|---:|---:|---:|---|"]
+    for dataset in summary["datasets"]:
+        scores = " | ".join(f"{percent(cells[dataset, m]['valid'], cells[dataset, m]['valid_std'])} | "
+                            f"{percent(cells[dataset, m]['test'], cells[dataset, m]['test_std'])}" for m in methods)
+        times = ", ".join(format_seconds(cells[dataset, m]["seconds"]) if cells[dataset, m]["seconds"] else "—"
+                          for m in methods)
+        result = analysis["datasets"].get(dataset)
+        paired = (f"{result['diff']:+.2f} | [{result['low']:+.2f}, {result['high']:+.2f}] | {result['p']:.3g} | "
+                  f"{seeds_used[dataset]} | {result['n']}") if result else "— | — | — | 0 | —"
+        lines.append(f"| {dataset} | {scores} | {paired} | {times} |")
+    if pooled is not None:
+        lines.append(f"| **pooled** |" + " | " * (2 * len(methods) - 1) +
+                     f" | **{pooled['diff']:+.2f}** | [{pooled['low']:+.2f}, {pooled['high']:+.2f}] | "
+                     f"{pooled['p']:.3g} | | {pooled['n']} | |")
+    missing = [f"{row['dataset']}/{row['run']}" for row in summary["rows"]
+               if row["runs"] < max(len(summary["seeds"]), 1)]
+    if missing:
+        lines += ["", f"not finished yet (the same command continues): {', '.join(missing)}"]
+    return write_summary(root, "study", summary, lines)
+
+
+def verdict(comparison: str, pooled: dict, datasets: int) -> str:
+    """The pooled result in one sentence: which way, how many points, the interval, the p-value."""
+    if pooled["low"] > 0 or pooled["high"] < 0:
+        way = "better" if pooled["diff"] > 0 else "worse"
+        head = f"{comparison.split(' − ')[0]} is {way} than {comparison.split(' − ')[1]} by {abs(pooled['diff']):.2f} points"
+    else:
+        head = (f"No difference shown: {comparison} = {pooled['diff']:+.2f} points, and the interval contains 0")
+    return (f"**{head}** (pooled over {pooled['n']:,} test questions of {datasets} dataset"
+            f"{'s' if datasets != 1 else ''}; 95% CI [{pooled['low']:+.2f}, {pooled['high']:+.2f}], p = {pooled['p']:.3g}).")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Figures: PNG through matplotlib, an optional extra (requirements-extra.txt), imported only here. Fixed
 # sizes (no tight bounding box), so every PNG is FIGURE_SIZES[kind] x FIGURE_DPI pixels.
 
 FIGURE_DPI = 100
 FIGURE_SIZES = {"table": (8.0, 4.5), "sweep": (6.5, 5.0), "fractions": (7.0, 4.5), "ablations": (8.0, 4.5),
+                "study": (7.0, 3.5),
                 "training": (10.0, 4.0)}  # inches
 MATPLOTLIB_HINT = ("matplotlib is not installed; plots are optional: .venv/bin/pip install matplotlib "
                    "(requirements-extra.txt), then `make report` draws them")
@@ -832,7 +983,7 @@ def draw_summary(root: Path, name: str, summary: dict) -> None:
     if name == "sweep" and len(summary["grid"]) != 2:
         print(f"{root / 'sweep.png'}: no figure, the Fig. 3 heatmap is for two teachers ({len(summary['grid'])} here)")
         return
-    plot = {"sweep": plot_sweep, "fractions": plot_fractions, "ablations": plot_ablations}[name]
+    plot = {"sweep": plot_sweep, "fractions": plot_fractions, "ablations": plot_ablations, "study": plot_study}[name]
     draw(name, root / f"{name}.png", lambda fig: plot(fig, summary))
 
 
@@ -887,6 +1038,23 @@ def plot_fractions(fig, summary: dict) -> None:
     ax.set_ylabel(f"test {summary['metric']} (%)")
     ax.set_title(f"{summary['dataset']}: less training data (Fig. 2)")
     ax.legend()
+
+
+def plot_study(fig, summary: dict) -> None:
+    """The forest plot: each dataset's difference and the pooled one with their 95% intervals, 0 dashed."""
+    analysis = summary["analysis"]
+    lines = [(name, r) for name, r in analysis["datasets"].items()]
+    if analysis["pooled"] is not None:
+        lines.append(("pooled", analysis["pooled"]))
+    ax = fig.subplots()
+    for y, (name, r) in enumerate(reversed(lines)):
+        ax.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="D" if name == "pooled" else "o",
+                    color="black" if name == "pooled" else "tab:blue", capsize=4)
+    ax.axvline(0, linestyle="--", color="gray")
+    ax.set_yticks(range(len(lines)), [f"{name} (n={r['n']})" for name, r in reversed(lines)])
+    methods = summary["methods"]
+    ax.set_xlabel(f"{methods[-1]} − {methods[0]}, test {summary['metric']} (points, 95% CI)")
+    ax.set_title("study: paired difference per dataset and pooled")
 
 
 def plot_ablations(fig, summary: dict) -> None:
@@ -998,7 +1166,7 @@ def report(cfg: ReportConfig) -> Path:
 
 
 EXPERIMENTS = {"sweep": (SweepConfig, sweep), "fractions": (FractionsConfig, fractions),
-               "ablations": (AblationsConfig, ablations)}
+               "ablations": (AblationsConfig, ablations), "study": (StudyConfig, study)}
 
 
 def main(argv: list[str]) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -378,3 +379,106 @@ def test_without_matplotlib_every_table_prints_and_each_plot_says_how_to_install
     report = (root / "report.md").read_text()
     assert "![" not in report and "[ablations.md](ablations.md)" in report
     assert "- `tinyllm/seed0`: [metrics.jsonl](tinyllm/seed0/metrics.jsonl)" in report
+
+
+# ---------------------------------------------------------------------------------------------------
+# the study: methods × datasets × seeds, one pooled paired verdict
+
+def write_predictions(folder: Path, correct: dict[str, bool], valid: float = 0.5) -> None:
+    """A finished run with hand-made per-question test correctness."""
+    folder.mkdir(parents=True, exist_ok=True)
+    test = sum(correct.values()) / len(correct)
+    (folder / "results.json").write_text(json.dumps({"test": {"accuracy": test, "n": len(correct)},
+                                                     "valid": {"accuracy": valid, "n": 10}, "method": "x"}))
+    (folder / "predictions.jsonl").write_text("".join(
+        json.dumps({"split": "test", "id": i, "correct": c}) + "\n" for i, c in correct.items()))
+
+
+def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
+    """Per question, each method's correctness is averaged over the seeds that both methods finished; the
+    difference TinyLLM − fine-tuning per dataset and pooled is the plain mean of those, its interval and p
+    those of the per-question differences (within-dataset bootstrap, sign flips)."""
+    root = tmp_path / "study"
+    obqa = {"finetune": [[1, 0, 0, 1, 0, 1], [1, 1, 0, 0, 0, 1]], "tinyllm": [[1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 1, 1]]}
+    arc = {"finetune": [[0, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]], "tinyllm": [[0, 1, 1, 1], [1, 0, 0, 1]]}
+    for dataset, runs in (("obqa", obqa), ("arc", arc)):
+        for method, seeds in runs.items():
+            for seed, correct in enumerate(seeds):
+                write_predictions(root / dataset / method / f"seed{seed}",
+                                  {f"{dataset}-{i}": bool(c) for i, c in enumerate(correct)})
+    cfg = evaluation.StudyConfig(datasets="obqa arc", seeds="0 1 2", out=str(tmp_path), train=0, resamples=4000)
+    summary = evaluation.study(cfg)
+    # by hand: obqa over seeds 0 and 1; arc over seeds 0 and 1 only (tinyllm has no seed 2)
+    obqa_diff = np.array([(a + b) / 2 - (c + d) / 2 for a, b, c, d in zip(*obqa["tinyllm"], *obqa["finetune"])])
+    arc_diff = np.array([(a + b) / 2 - (c + d) / 2 for a, b, c, d in zip(*arc["tinyllm"], *arc["finetune"][:2])])
+    analysis = summary["analysis"]
+    assert analysis["datasets"]["obqa"]["diff"] == pytest.approx(100 * obqa_diff.mean())
+    assert analysis["datasets"]["arc"]["diff"] == pytest.approx(100 * arc_diff.mean())
+    pooled = analysis["pooled"]
+    assert pooled["n"] == 10 and pooled["diff"] == pytest.approx(100 * np.concatenate([obqa_diff, arc_diff]).mean())
+    assert (pooled["low"], pooled["high"]) == pytest.approx(evaluation.bootstrap_interval([obqa_diff, arc_diff], 4000))
+    assert pooled["p"] == pytest.approx(evaluation.sign_flip_p(np.concatenate([obqa_diff, arc_diff]), 4000))
+    assert summary["seeds_used"] == {"obqa": 2, "arc": 2}
+    row = next(r for r in summary["rows"] if (r["dataset"], r["run"]) == ("arc", "finetune"))
+    assert row["runs"] == 3 and row["test"] == pytest.approx(statistics.fmean([0.5, 0.75, 0.0]))
+    printed = capsys.readouterr().out
+    assert "| **pooled** |" in printed  # seed 2 asked for: every row but arc's fine-tuning lacks it
+    assert "not finished yet (the same command continues): obqa/finetune, obqa/tinyllm, arc/tinyllm" in printed
+    assert "TinyLLM − Fine-tune" in printed and "pooled over 10 test questions of 2 datasets" in printed
+    saved = json.loads((root / "study.json").read_text())
+    assert saved["analysis"]["pooled"]["diff"] == pytest.approx(pooled["diff"])
+    check_figure(root / "study.png", "study", printed)
+
+
+@pytest.fixture(scope="session")
+def two_datasets(workspace) -> dict[str, Path]:
+    """The workspace with ARC beside OBQA: its release and the released rationales of 4 training examples."""
+    data.download("arc", workspace["data"], base_url=str(Path(os.environ.get("TINYLLM_ASSETS", REPO.parent / "shared" / "assets")) / "tinyllm_release"),
+                  rationales=True)
+    tinyllm.rationales(tinyllm.RationalesConfig(dataset="arc", teachers=RELEASE, data=str(workspace["data"]),
+                                                cache=str(workspace["cache"]), limit=4, device="cpu"))
+    return workspace
+
+
+def test_make_study_two_datasets_two_seeds_resumes_after_a_kill(two_datasets, tmp_path, monkeypatch):
+    """eval.py study trains fine-tuning and TinyLLM on two datasets with two seeds, seed by seed; killed while
+    evaluating its sixth run, `make study` with the same variables trains and evaluates only what is missing
+    (finished runs' files untouched), then writes study.{json,md,png} over all 8 runs."""
+    workspace = two_datasets
+    cfg = data.parse_flags(evaluation.StudyConfig, experiment_flags(workspace, tmp_path, datasets="obqa arc",
+                                                                    seeds="0 1"))
+    root = tmp_path / "study"
+    order = [root / d / m / f"seed{s}" for s in (0, 1) for d in ("obqa", "arc") for m in ("finetune", "tinyllm")]
+    real_evaluate, evaluated = evaluation.evaluate, []
+
+    class Killed(Exception):
+        pass
+
+    def killed_evaluate(eval_cfg):
+        evaluated.append(Path(eval_cfg.out))
+        if len(evaluated) == 6:
+            raise Killed
+        return real_evaluate(eval_cfg)
+
+    monkeypatch.setattr(evaluation, "evaluate", killed_evaluate)
+    with pytest.raises(Killed):
+        evaluation.study(cfg)
+    assert evaluated == order[:6]  # seed by seed: whole seeds first
+    kept = {run: (run / "results.json").stat().st_mtime_ns for run in order[:5]}
+    steps = {run: (run / "metrics.jsonl").read_text() for run in order[:6]}
+
+    printed = make("study", f"STUDENT={workspace['student']}", f"DATA={workspace['data']}",
+                   f"CACHE={workspace['cache']}", f"OUT={tmp_path}", "LIMIT=4", "DEVICE=cpu", "DATASETS=obqa arc",
+                   "SEEDS=0 1", f"TRAIN_ARGS={TRAIN_ARGS}")
+    assert "5 of 8 runs finished already (kept), 3 to run" in printed
+    assert all((run / "results.json").stat().st_mtime_ns == mtime for run, mtime in kept.items())
+    assert all((run / "metrics.jsonl").read_text() == text for run, text in steps.items())  # run 6 only evaluated
+    for run in order:
+        config = trained_config(run)
+        assert (config["dataset"], config["method"], config["seed"]) == (run.parent.parent.name, run.parent.name,
+                                                                            int(run.name[4:]))
+    summary = json.loads((root / "study.json").read_text())
+    assert summary["datasets"] == ["obqa", "arc"] and summary["methods"] == ["finetune", "tinyllm"]
+    assert summary["seeds_used"] == {"obqa": 2, "arc": 2} and summary["analysis"]["pooled"]["n"] == 8
+    assert "| **pooled** |" in (root / "study.md").read_text()
+    check_figure(root / "study.png", "study", printed)
