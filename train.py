@@ -80,6 +80,9 @@ class TrainConfig:
     max_target_tokens: int = 256  # rationale targets are cut to this many tokens
     bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
     checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
+    # 1: torch.compile the model's forward in the step (compile_objective). Off by default: on this project's
+    # CPU the compile takes minutes and did not pay back within `make bench` (README); on a GPU: unmeasured
+    compile: int = 0
     chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
     task_prefix: int = -1  # decoder-only student: 1 = p_A / p_m at the start too (nothing shared), -1 = default (0)
@@ -255,6 +258,15 @@ def pack_prompts_and_targets(sizes: list[tuple[int, int]]) -> tuple[list[list[in
     return best[1], best[2]
 
 
+def compile_objective(student: Student) -> llama.Compiled:
+    """--compile=1: the model's forward in the training step (packed_hidden: T5's encoder and decoder, or the
+    decoder-only trees) through torch.compile; the loss stays eager (its chunked LM head runs as many chunks as
+    the step has target tokens). Packed widths are multiples of PACK_MULTIPLE (T5), so a run compiles a few
+    graphs, not one per batch; the bins per batch become dynamic after their first change."""
+    student.objective.packed_hidden = compiled = llama.Compiled(student.objective.packed_hidden)
+    return compiled
+
+
 def to_device(batch, device: torch.device):
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
@@ -306,11 +318,15 @@ class DecoderOnlyObjective(nn.Module):
     def __init__(self, model: llama.Llama):
         super().__init__()
         self.model = model
+        self.packed_hidden = self.tree_hidden  # compile_objective swaps in the compiled one
+
+    def tree_hidden(self, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, branch_ids: Tensor) -> Tensor:
+        mask = llama.segment_causal_mask(segment_ids, branch_ids)  # (B, 1, T, T): each row's own view
+        return self.model.hidden_states(input_ids, position_ids, mask)  # (B, T, hidden)
 
     def forward(self, batch: dict[str, Tensor], labels: Tensor,
                 token_weights: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        mask = llama.segment_causal_mask(batch["segment_ids"], batch["branch_ids"])  # (B, 1, T, T): each row's own view
-        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], mask)  # (B, T, hidden)
+        hidden = self.packed_hidden(batch["input_ids"], batch["position_ids"], batch["segment_ids"], batch["branch_ids"])
         hidden = hidden.flatten(0, 1)[batch["target_index"]]  # (N, hidden)
         return target_cross_entropy(hidden, self.model.lm_head.weight, labels, token_weights)
 
@@ -1070,6 +1086,7 @@ def train(cfg: TrainConfig) -> Path:
         if resume_state:  # only the adapters: the base is the (frozen) student itself
             load_adapters(student.module, resume_state["adapters"])
     student.module.train()
+    compiled = compile_objective(student) if cfg.compile else None
     rows = encode_rows(student, train_examples, tasks, cfg)
 
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
@@ -1148,6 +1165,8 @@ def train(cfg: TrainConfig) -> Path:
         summary = {"seconds": round(progress.seconds(), 1), "steps": step, "examples": len(train_examples),
                    "best_step": progress.best_step, "best_valid_accuracy": progress.best_accuracy}
         tinyllm.atomic_write(run / "train.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if compiled:
+        log(f"--compile=1: {compiled.summary()}")
     log(f"checkpoint: {best} (valid accuracy {progress.best_accuracy:.4f} at step {progress.best_step}); "
         f"last: {run / 'last'} (step {step}/{total}); metrics: {metrics}")
     return best
