@@ -613,8 +613,8 @@ class Compiled:
     dynamo's automatic dynamic shapes take over a dimension after its first change (the batch's rows). A
     compiler that fails (the CPU backend needs a C++ compiler) ends the run with a one-line reason."""
 
-    def __init__(self, fn):
-        self.fn = torch.compile(fn)
+    def __init__(self, fn, mode: str | None = None):
+        self.fn = torch.compile(fn, mode=mode)
         self.graphs, self.seconds = 0, 0.0
 
     def __call__(self, *args):
@@ -649,8 +649,10 @@ class Slots:
     def __init__(self, model: Llama, rows: int, max_len: int, device: torch.device, compile: bool = False):
         cfg = model.config
         self.model, self.device, self.max_len = model, device, max_len
-        # compile: the one-token step compiled (gpt-fast), over cache widths rounded up to DECODE_WIDTH_MULTIPLE
-        self.forward = Compiled(self.logits) if compile else self.logits
+        # compile: the one-token step compiled (gpt-fast), over cache widths rounded up to DECODE_WIDTH_MULTIPLE;
+        # on CUDA replayed as CUDA graphs (reduce-overhead): a step is many small kernels launched from the host
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.forward = Compiled(self.logits, mode) if compile else self.logits
         self.dtype = model.kv_dtype(device)
         self.caches = [KVCache(rows, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, device)
                        for _ in range(cfg.num_hidden_layers)]
