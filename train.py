@@ -80,8 +80,9 @@ class TrainConfig:
     max_target_tokens: int = 256  # rationale targets are cut to this many tokens
     bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
     checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
-    # 1: torch.compile the model's forward in the step (compile_objective). Off by default: on this project's
-    # CPU the compile takes minutes and did not pay back within `make bench` (README); on a GPU: unmeasured
+    # 1: torch.compile the model's forward in the step (compile_objective). Off by default on both devices: on
+    # the CPU the bench's step ran 1.8x faster after a 3-minute first step, but a whole run's recompiles (batch
+    # shapes change) are not measured yet; on a GPU nothing is measured (README, Performance)
     compile: int = 0
     chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
