@@ -180,7 +180,7 @@ bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (wri
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check: ## on a CUDA machine, in < 8 min: the CUDA tests, then the bench on the GPU (OUT/bench.json)
 	@nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-	$(GPU_PY) -m pytest -q tests/test_cuda.py tests/test_llama.py tests/test_t5.py -k "cuda or bf16"
+	$(GPU_PY) -m pytest -q tests/test_cuda.py tests/test_llama.py tests/test_t5.py tests/test_compile.py -k "cuda or bf16"
 	$(GPU_PY) tests/bench.py --device=cuda --out=$(OUT) --budget_s=330 $(ARGS)
 
 # ---- tests --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from functools import lru_cache
@@ -605,15 +606,53 @@ class Llama(nn.Module):
         return out[:, :int(lengths.max())]
 
 
+class Compiled:
+    """torch.compile(fn) (--compile=1), with what it cost: `graphs` compiled and `seconds` spent in the calls
+    that compiled (their run included; a backward graph compiles in its first backward, outside them), so a
+    run can print them apart from its steady rate. Shapes are the caller's to keep few (bucketed widths);
+    dynamo's automatic dynamic shapes take over a dimension after its first change (the batch's rows). A
+    compiler that fails (the CPU backend needs a C++ compiler) ends the run with a one-line reason."""
+
+    def __init__(self, fn, mode: str | None = None):
+        self.fn = torch.compile(fn, mode=mode)
+        self.graphs, self.seconds = 0, 0.0
+
+    def __call__(self, *args):
+        from torch._dynamo.utils import counters
+
+        before, start = counters["stats"]["unique_graphs"], time.perf_counter()
+        try:
+            out = self.fn(*args)
+        except Exception as error:
+            if type(error).__name__ not in ("BackendCompilerFailed", "InductorError", "CppCompileError"):
+                raise
+            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise RuntimeError(f"torch.compile failed here ({reason[:200]}): run without --compile") from None
+        if counters["stats"]["unique_graphs"] > before:
+            self.graphs += counters["stats"]["unique_graphs"] - before
+            self.seconds += time.perf_counter() - start
+        return out
+
+    def summary(self) -> str:
+        return f"{self.graphs} graph(s) compiled in {self.seconds:.1f} s"
+
+
+DECODE_WIDTH_MULTIPLE = 64  # a compiled step reads the cache in widths of this many slots: a few shapes
+
+
 class Slots:
     """Continuous batching (as Orca and vLLM schedule it): `rows` cache rows, each holding one sequence at its
     own length, so that a row whose sequence has ended takes the next prompt (admit) while the others go on.
     Every row feeds its pending token (its prompt's last token, then each token sampled for it) at its own
     position in one shared step. tinyllm.continuous_generate is the scheduler."""
 
-    def __init__(self, model: Llama, rows: int, max_len: int, device: torch.device):
+    def __init__(self, model: Llama, rows: int, max_len: int, device: torch.device, compile: bool = False):
         cfg = model.config
-        self.model, self.device = model, device
+        self.model, self.device, self.max_len = model, device, max_len
+        # compile: the one-token step compiled (gpt-fast), over cache widths rounded up to DECODE_WIDTH_MULTIPLE;
+        # on CUDA replayed as CUDA graphs (reduce-overhead): a step is many small kernels launched from the host
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        self.forward = Compiled(self.logits, mode) if compile else self.logits
         self.dtype = model.kv_dtype(device)
         self.caches = [KVCache(rows, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, device)
                        for _ in range(cfg.num_hidden_layers)]
@@ -660,10 +699,19 @@ class Slots:
         """Each row's pending token at position = its length, written at that slot; attention reads slots
         0..length of its own row. Next-token logits (rows, vocab)."""
         position = torch.tensor(self.lengths, device=self.device)  # (rows,)
-        slots = torch.arange(max(self.lengths) + 1, device=self.device)
-        mask = (slots[None, :] <= position[:, None])[:, None, None, :]  # (rows, 1, 1, max length + 1)
-        hidden = self.model.hidden_states(self.pending[:, None], position[:, None], mask, self.caches, position)
+        width = max(self.lengths) + 1
+        if isinstance(self.forward, Compiled):  # masked slots past each row's length read as nothing
+            width = min(-(-width // DECODE_WIDTH_MULTIPLE) * DECODE_WIDTH_MULTIPLE, self.max_len)
+        slots = torch.arange(width, device=self.device)
+        mask = (slots[None, :] <= position[:, None])[:, None, None, :]  # (rows, 1, 1, width)
+        logits = self.forward(self.pending, position, mask)
         self.lengths = [n + live for n, live in zip(self.lengths, self.live)]
+        return logits
+
+    def logits(self, tokens: Tensor, position: Tensor, mask: Tensor) -> Tensor:
+        """tokens (rows,) at positions (rows,), written at those slots, reading the slots `mask` shows ->
+        next-token logits (rows, vocab)."""
+        hidden = self.model.hidden_states(tokens[:, None], position[:, None], mask, self.caches, position)
         return self.model.lm_head(hidden[:, 0])
 
     def feed(self, tokens: Tensor) -> None:

@@ -145,6 +145,20 @@ def causal_bias(length: int, dtype: torch.dtype, device: torch.device) -> Tensor
     return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
 
 
+def segment_bias(query_segments: Tensor, key_segments: Tensor, causal: bool, dtype: torch.dtype) -> Tensor:
+    """(B, 1, T_q, T_k) fp32 additive bias for rows packed end to end: a slot sees the slots of its own segment
+    (segment ids (B, T), which row each slot holds; -1 is padding), and with `causal` only those at or before
+    it: a block-diagonal mask, so no real slot sees padding or another row. A padding slot sees every key: its
+    output is never read, and a softmax row with nothing to see would be NaN in backward. Hidden slots get
+    `dtype`'s min, which stays finite once the bias is cast to `dtype`."""
+    see = query_segments[:, :, None] == key_segments[:, None, :]  # (B, T_q, T_k)
+    if causal:
+        slots = torch.arange(key_segments.shape[1], device=key_segments.device)
+        see = see & (slots[None, :] <= slots[:, None])[None]
+    see = see | (query_segments < 0)[:, :, None]
+    return ((~see).float() * torch.finfo(dtype).min)[:, None]
+
+
 def compute_dtype(weight: Tensor) -> torch.dtype:
     """The dtype attention will run in: the autocast dtype when autocast is on, else the weights' dtype.
     SDPA needs the additive mask in the query's dtype; we cast the bias once per stack, not per layer."""
@@ -420,6 +434,25 @@ class T5(nn.Module):
             cross_bias = cross_bias[encoder_rows]  # (B_enc, 1, 1, T_enc) -> (B, 1, 1, T_enc)
         return self.decoder(self.shared(decoder_input_ids), bias.to(dtype).contiguous(), encoder_out, cross_bias,
                             encoder_rows)
+
+    def packed_hidden(self, input_ids: Tensor, encoder_segments: Tensor, decoder_input_ids: Tensor,
+                      decoder_segments: Tensor) -> Tensor:
+        """Rows packed end to end (train.py's TinyLLM step): bin b holds the prompts of several rows one after
+        another in input_ids[b] (B, T_enc) and their decoder inputs in the same order in decoder_input_ids[b]
+        (B, T_dec); segment ids of the same shapes name each slot's row within its bin (-1: padding). Each row
+        computes as it would alone: encoder attention within its prompt, decoder attention causal within its
+        target, cross-attention over its own prompt. The relative position bias needs nothing per row: a row's
+        slots are contiguous, so slot j - slot i is its position j - position i, and the bias depends on that
+        distance only. -> the decoder's final norm output (B, T_dec, d_model)."""
+        T_enc, T_dec = input_ids.shape[1], decoder_input_ids.shape[1]
+        dtype = compute_dtype(self.shared.weight)
+        bias = (self.encoder.relative_attention.position_bias(T_enc, T_enc).float()
+                + segment_bias(encoder_segments, encoder_segments, False, dtype))  # (B, H, T_enc, T_enc)
+        encoder_out = self.encoder(self.shared(input_ids), bias.to(dtype).contiguous())
+        bias = (self.decoder.relative_attention.position_bias(T_dec, T_dec).float()
+                + segment_bias(decoder_segments, decoder_segments, True, dtype))  # (B, H, T_dec, T_dec)
+        cross_bias = segment_bias(decoder_segments, encoder_segments, False, dtype).to(dtype)  # (B, 1, T_dec, T_enc)
+        return self.decoder(self.shared(decoder_input_ids), bias.to(dtype).contiguous(), encoder_out, cross_bias)
 
     def head_input(self, h: Tensor) -> Tensor:
         """What the LM head multiplies: the decoder output, rescaled for T5 v1.0's tied head."""

@@ -231,16 +231,21 @@ class LocalTeacher:
         rows, device = min(cfg.batch_size, len(fits)), torch.device(self.device)
         prompts_ = [encoded[i] for i in fits]
         if self.kind == "t5":
+            if cfg.compile:
+                raise UserError("--compile=1: only a LLaMA-family local teacher's decode step compiles (T5's does not yet)")
             slots = t5.Slots(self.model, rows, cfg.max_new_tokens, max(len(p) for p in prompts_), device)
             eos_ids = {self.tokenizer.eos_id}
         else:
-            slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device)
+            slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device,
+                                compile=bool(cfg.compile))
             eos_ids = set(self.tokenizer.eos_ids)
         model_file = t5 if self.kind == "t5" else llama
         sample = lambda logits: model_file.sample(logits, cfg.temperature, cfg.top_p, self.generator)  # noqa: E731
         for j, ids in continuous_generate(slots, prompts_, [cfg.max_new_tokens] * len(prompts_), eos_ids, sample):
             self.tokens += len(ids)
             yield fits[j], self.tokenizer.decode(ids)
+        if cfg.compile:
+            print(f"--compile=1: {slots.forward.summary()}", flush=True)
 
 
 def continuous_generate(slots, prompts_: list[list[int]], limits: list[int], eos_ids: set[int],
@@ -472,6 +477,7 @@ class RationalesConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling when temperature > 0
     batch_size: int = 8  # prompts per forward pass of a local teacher
+    compile: int = 0  # 1: a LLaMA-family local teacher's one-token decode step through torch.compile (off: see README)
     concurrency: int = 8  # requests in flight to a server teacher
     timeout: float = 120.0  # seconds per server request
     retries: int = 5  # further attempts on connection errors, timeouts, 429, 5xx, non-OpenAI answers

@@ -81,6 +81,10 @@ class TrainConfig:
     max_target_tokens: int = 256  # rationale targets are cut to this many tokens
     bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
     checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
+    # 1: torch.compile the model's forward in the step (compile_objective). Off by default on both devices: on
+    # the CPU the bench's step ran 1.8x faster after a 3-minute first step, but a whole run's recompiles (batch
+    # shapes change) are not measured yet; on a GPU nothing is measured (README, Performance)
+    compile: int = 0
     chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
     task_prefix: int = -1  # decoder-only student: 1 = p_A / p_m at the start too (nothing shared), -1 = default (0)
@@ -206,40 +210,55 @@ def target_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor,
 
 
 # ---------------------------------------------------------------------------------------------------
-# batch layouts with little padding: T5 rows in at most two length groups, decoder-only rows packed
+# batch layouts with little padding: rows packed end to end, a block-diagonal mask keeping them apart
 
-def length_groups(rows: list[tuple[list[int], list[int]]]) -> list[list[int]]:
-    """Row indices in one or two groups of similar target length, chosen to pad the fewest tokens: answer
-    targets are a few tokens and rationales up to --max_target_tokens, so one padded forward would pad
-    every answer row to the longest rationale."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]))
-
-    def padded(group: list[int]) -> int:  # encoder + decoder tokens of the group once padded
-        return len(group) * (max(len(rows[i][0]) for i in group) + max(len(rows[i][1]) for i in group))
-
-    best, split = padded(order), len(order)
-    for k in range(1, len(order)):
-        cost = padded(order[:k]) + padded(order[k:])
-        if cost < best:
-            best, split = cost, k
-    return [order[:split], order[split:]] if split < len(order) else [order]
+PACK_MULTIPLE = 32  # T5 bins' widths are multiples of this: few distinct shapes (--compile), little lost
 
 
-def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """First-fit decreasing: row indices in bins of the longest row's length, for sequences packed end to
-    end (each bin is one sequence of the batch; a block-diagonal mask keeps the rows apart)."""
-    width = max(lengths)
+def pack_rows(sizes: list[tuple[int, ...]], capacity: tuple[int, ...] | None = None) -> list[list[int]]:
+    """First-fit decreasing: row indices in bins, a row's sizes (one per packed sequence: the decoder-only tree;
+    T5's prompt and target) summing to at most `capacity` (default: the largest row's) per bin, for sequences
+    packed end to end (a bin is one batch row; a block-diagonal mask keeps its rows apart)."""
+    capacity = capacity or tuple(max(size[d] for size in sizes) for d in range(len(sizes[0])))
     bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        b = next((b for b, free in enumerate(room) if lengths[i] <= free), None)
+    room: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: [-n for n in reversed(sizes[i])]):
+        b = next((b for b, free in enumerate(room) if all(n <= f for n, f in zip(sizes[i], free))), None)
         if b is None:
             bins.append([])
-            room.append(width)
+            room.append(list(capacity))
             b = len(bins) - 1
         bins[b].append(i)
-        room[b] -= lengths[i]
+        room[b] = [f - n for f, n in zip(room[b], sizes[i])]
     return bins
+
+
+def pack_prompts_and_targets(sizes: list[tuple[int, int]]) -> tuple[list[list[int]], tuple[int, int]]:
+    """T5 rows (prompt length, target length) in bins of (encoder, decoder) widths, the widths chosen to compute
+    the fewest slots: answer targets are a few tokens and rationales up to --max_target_tokens, so bins holding
+    one long rationale take the short ones' prompts beside its own only when the encoder is wider than one
+    prompt. Each slot costs its linear layers plus attention over its bin's width (1 + width / 1024)."""
+    def round_up(n: int) -> int:
+        return -(-max(n, 1) // PACK_MULTIPLE) * PACK_MULTIPLE
+
+    enc, dec = (round_up(max(size[d] for size in sizes)) for d in (0, 1))
+    best = None
+    for encoder_width in range(enc, 4 * enc + 1, PACK_MULTIPLE):
+        for decoder_width in range(dec, 2 * dec + 1, PACK_MULTIPLE):
+            bins = pack_rows(sizes, (encoder_width, decoder_width))
+            cost = len(bins) * sum(w * (1 + w / 1024) for w in (encoder_width, decoder_width))
+            if best is None or cost < best[0]:
+                best = (cost, bins, (encoder_width, decoder_width))
+    return best[1], best[2]
+
+
+def compile_objective(student: Student) -> llama.Compiled:
+    """--compile=1: the model's forward in the training step (packed_hidden: T5's encoder and decoder, or the
+    decoder-only trees) through torch.compile; the loss stays eager (its chunked LM head runs as many chunks as
+    the step has target tokens). Packed widths are multiples of PACK_MULTIPLE (T5), so a run compiles a few
+    graphs, not one per batch; the bins per batch become dynamic after their first change."""
+    student.objective.packed_hidden = compiled = llama.Compiled(student.objective.packed_hidden)
+    return compiled
 
 
 def to_device(batch, device: torch.device):
@@ -257,24 +276,32 @@ STUDENT_FORMAT = "student_format.json"  # in a decoder-only checkpoint: how its 
 
 
 class Seq2SeqObjective(nn.Module):
-    """T5: encoder over the prompts, decoder over the targets, the LM head at target tokens only. The batch
-    is a list of groups (input_ids, attention_mask, decoder_input_ids, target_index[, encoder_rows])."""
+    """T5: encoder over the prompts, decoder over the targets, the LM head at target tokens only. Training's
+    batch is rows packed end to end (input_ids, encoder_segments, decoder_input_ids, decoder_segments,
+    target_index; see Seq2SeqStudent.collate); rank scoring's is a list of padded groups (input_ids,
+    attention_mask, decoder_input_ids, target_index, encoder_rows), one encoder row per question."""
 
     def __init__(self, model: t5.T5):
         super().__init__()
         self.model = model
+        self.packed_hidden = model.packed_hidden  # compile_objective swaps in the compiled one
 
-    def forward(self, groups: list[dict[str, Tensor]], labels: Tensor,
+    def forward(self, batch: dict[str, Tensor] | list[dict[str, Tensor]], labels: Tensor,
                 token_weights: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        hidden = []
-        for g in groups:
-            mask = t5.mask_if_padded(g["attention_mask"])  # one host sync for both stacks
-            encoder_out = self.model.encode(g["input_ids"], mask)
-            h = self.model.decoder_hidden(g["decoder_input_ids"], encoder_out, mask,
-                                          encoder_rows=g.get("encoder_rows"))  # (R, T_dec, d_model)
-            hidden.append(h.flatten(0, 1)[g["target_index"]])  # (N_g, d_model): target positions only
-        hidden = self.model.head_input(torch.cat(hidden))
-        return target_cross_entropy(hidden, self.model.output_embedding, labels, token_weights)
+        if isinstance(batch, dict):
+            h = self.packed_hidden(batch["input_ids"], batch["encoder_segments"], batch["decoder_input_ids"],
+                                   batch["decoder_segments"])  # (bins, T_dec, d_model)
+            hidden = h.flatten(0, 1)[batch["target_index"]]  # (N, d_model): target positions only
+        else:
+            hidden = []
+            for g in batch:
+                mask = t5.mask_if_padded(g["attention_mask"])  # one host sync for both stacks
+                encoder_out = self.model.encode(g["input_ids"], mask)
+                h = self.model.decoder_hidden(g["decoder_input_ids"], encoder_out, mask,
+                                              encoder_rows=g.get("encoder_rows"))  # (R, T_dec, d_model)
+                hidden.append(h.flatten(0, 1)[g["target_index"]])  # (N_g, d_model)
+            hidden = torch.cat(hidden)
+        return target_cross_entropy(self.model.head_input(hidden), self.model.output_embedding, labels, token_weights)
 
 
 class DecoderOnlyObjective(nn.Module):
@@ -285,11 +312,15 @@ class DecoderOnlyObjective(nn.Module):
     def __init__(self, model: llama.Llama):
         super().__init__()
         self.model = model
+        self.packed_hidden = self.tree_hidden  # compile_objective swaps in the compiled one
+
+    def tree_hidden(self, input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, branch_ids: Tensor) -> Tensor:
+        mask = llama.segment_causal_mask(segment_ids, branch_ids)  # (B, 1, T, T): each row's own view
+        return self.model.hidden_states(input_ids, position_ids, mask)  # (B, T, hidden)
 
     def forward(self, batch: dict[str, Tensor], labels: Tensor,
                 token_weights: Tensor | None) -> tuple[Tensor | None, Tensor]:
-        mask = llama.segment_causal_mask(batch["segment_ids"], batch["branch_ids"])  # (B, 1, T, T): each row's own view
-        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], mask)  # (B, T, hidden)
+        hidden = self.packed_hidden(batch["input_ids"], batch["position_ids"], batch["segment_ids"], batch["branch_ids"])
         hidden = hidden.flatten(0, 1)[batch["target_index"]]  # (N, hidden)
         return target_cross_entropy(hidden, self.model.lm_head.weight, labels, token_weights)
 
@@ -413,16 +444,37 @@ class Seq2SeqStudent(Student):
             group["encoder_rows"] = torch.tensor(encoder_rows)
         return group, [r for r, t in enumerate(targets) for _ in t]
 
-    def collate(self, examples: list[list[tuple[list[int], list[int]]]]) -> tuple[list[dict[str, Tensor]], Tensor, Tensor]:
-        # every task's input starts with its own prefix p_A / p_m (the official format): nothing to share
+    def collate(self, examples: list[list[tuple[list[int], list[int]]]]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Every row, prompt and target, packed end to end with others into bins (pack_prompts_and_targets):
+        bin b's prompts one after another in input_ids[b], their decoder inputs (shift_right of each target) in
+        the same order in decoder_input_ids[b], segment ids naming each slot's row (-1 padding). t5.packed_hidden
+        computes each row as if alone (tests/test_train.py checks losses and gradients), with no padding
+        between rows of different lengths. Every task's input starts with its own prefix p_A / p_m (the official
+        format), so rows share nothing: the rows of all examples are packed alike."""
         rows = [row for example in examples for row in example]
-        groups, labels, token_rows = [], [], []
-        for members in length_groups(rows):
-            group, owners = self.group([rows[i][0] for i in members], [rows[i][1] for i in members])
-            groups.append(group)
-            labels += [token for i in members for token in rows[i][1]]
-            token_rows += [members[r] for r in owners]
-        return groups, torch.tensor(labels), torch.tensor(token_rows)
+        bins, (encoder_width, decoder_width) = pack_prompts_and_targets([(len(p), len(t)) for p, t in rows])
+        pad_id = self.tokenizer.pad_id
+        input_ids = torch.full((len(bins), encoder_width), pad_id, dtype=torch.long)
+        decoder_input_ids = torch.full((len(bins), decoder_width), pad_id, dtype=torch.long)
+        encoder_segments = torch.full((len(bins), encoder_width), -1, dtype=torch.long)
+        decoder_segments = torch.full((len(bins), decoder_width), -1, dtype=torch.long)
+        target_index, labels, token_rows = [], [], []
+        for b, members in enumerate(bins):
+            at_enc = at_dec = 0
+            for k, r in enumerate(members):
+                prompt, target = rows[r]
+                input_ids[b, at_enc:at_enc + len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+                encoder_segments[b, at_enc:at_enc + len(prompt)] = k
+                # T5 starts decoding at pad: [pad, y_0, ..., y_{n-2}] predicts [y_0, ..., y_{n-1}]
+                decoder_input_ids[b, at_dec:at_dec + len(target)] = torch.tensor(([pad_id] + target)[:len(target)], dtype=torch.long)
+                decoder_segments[b, at_dec:at_dec + len(target)] = k
+                target_index += range(b * decoder_width + at_dec, b * decoder_width + at_dec + len(target))
+                labels += target
+                token_rows += [r] * len(target)
+                at_enc, at_dec = at_enc + len(prompt), at_dec + len(target)
+        batch = {"input_ids": input_ids, "encoder_segments": encoder_segments, "decoder_input_ids": decoder_input_ids,
+                 "decoder_segments": decoder_segments, "target_index": torch.tensor(target_index, dtype=torch.long)}
+        return batch, torch.tensor(labels, dtype=torch.long), torch.tensor(token_rows, dtype=torch.long)
 
     @torch.no_grad()
     def score_options(self, prompt_rows: list[list[int]], options: list[list[list[int]]]) -> list[list[float]]:
@@ -508,7 +560,7 @@ class DecoderOnlyStudent(Student):
             trees.append((rows[0][0][:shared], [(p[shared:], t, row + r) for r, (p, t) in enumerate(rows)]))
             row += len(rows)
         lengths = [len(shared) + sum(len(tail) + len(t) - 1 for tail, t, _ in branches) for shared, branches in trees]
-        bins, width = pack_rows(lengths), max(lengths)
+        bins, width = pack_rows([(n,) for n in lengths]), max(lengths)
         input_ids = torch.full((len(bins), width), self.tokenizer.pad_id, dtype=torch.long)
         position_ids = torch.zeros((len(bins), width), dtype=torch.long)
         segment_ids = torch.full((len(bins), width), -1, dtype=torch.long)
@@ -992,6 +1044,7 @@ def train(cfg: TrainConfig) -> Path:
     tasks = build_tasks(cfg, train_examples, log)
     saved = resume_state(cfg, run)
     student = prepare_student(cfg, run, device, world, saved, log)
+    compiled = compile_objective(student) if cfg.compile else None
     rows = encode_rows(student, train_examples, tasks, cfg)
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -1026,6 +1079,8 @@ def train(cfg: TrainConfig) -> Path:
             state.log_time = time.perf_counter()  # tokens/s counts training time only
         if stop:
             break
+    if compiled is not None:
+        log(f"--compile=1: {compiled.summary()}")
     return finish(run, state, len(train_examples), total, metrics, log, rank, world)
 
 

@@ -533,7 +533,7 @@ def our_step(student: train.Student, tasks: list[train.Task], examples: list, de
 
 
 def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, device: torch.device,
-                     bf16: bool) -> Case:
+                     bf16: bool, compile: bool = False) -> Case:
     """Eq. 2 with the paper's two teachers on `batch` real OBQA examples: the answer and both release rationales
     (FLAN-T5-xl mean 17 words, LLaMA-2 mean 45, a long tail; cut at --max_target_tokens=256). Ours: train.py's
     own step (micro_batch_loss: T5 rows in two length groups; decoder-only: one tree per example, the question
@@ -545,6 +545,8 @@ def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, 
     examples = text.train[:batch]
     tasks = release_tasks(text, examples)
     step_ours, micro, weights, task_tokens = our_step(student, tasks, examples, device)
+    if compile:
+        train.compile_objective(student)
     flat = [row for example in micro for row in example]
     by_task = [[(p, tgt) for t, p, tgt in flat if t == task] for task in range(len(tasks))]
     pad_id = student.tokenizer.pad_id
@@ -568,18 +570,41 @@ def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, 
         opt_theirs.zero_grad(set_to_none=True)
 
     lengths = {t.name: sorted(len(tgt) for task, _, tgt in flat if tasks[task] is t) for t in tasks}
-    return Case(name, "examples/s", len(examples), step_ours, step_theirs, reps,
+    case = Case(name, "examples/s", len(examples), step_ours, step_theirs, reps,
                 baseline=f"transformers {type(theirs).__name__}, one forward per task (the official implementation's way)",
                 shapes=dict(examples=len(examples), rows=len(flat), target_tokens=lengths,
                             prompt_tokens=sum(len(p) for _, p, _ in flat),
                             slots=step_slots(student, micro)))
+    return compiled_case(case, step_theirs) if compile else case
 
 
-def step_slots(student: train.Student, micro: list) -> int | None:
-    """Token slots a decoder-only step computes (shared prompts once, padding excluded); None for T5."""
-    if student.kind != "llama":
-        return None
+def compiled_case(case: Case, theirs_warmup: Callable[[], object]) -> Case:
+    """The case with --compile on our side (transformers eager, as users run it): the warm-up is one full call of
+    ours, timed apart, so the compile is reported beside the steady rate, not in it: entry["compile"] = the
+    seconds of that first call and the graphs torch._dynamo compiled in the case (all of them, timed calls included)."""
+    from torch._dynamo.utils import counters
+
+    case.name += " --compile"
+    before = counters["stats"]["unique_graphs"]
+
+    def warmup() -> None:
+        start = time.perf_counter()
+        case.ours()
+        case.extra["compile"] = dict(first_call_s=time.perf_counter() - start,
+                                     graphs_in_first_call=counters["stats"]["unique_graphs"] - before)
+        theirs_warmup()
+
+    case.warmup = warmup
+    case.extra["graphs"] = lambda: counters["stats"]["unique_graphs"] - before
+    return case
+
+
+def step_slots(student: train.Student, micro: list) -> int:
+    """Token slots a step computes: T5's bins (encoder and decoder, padding included); decoder-only, shared
+    prompts once, padding excluded."""
     batch = student.collate([[(p, tgt) for _, p, tgt in example] for example in micro])[0]
+    if student.kind == "t5":
+        return batch["input_ids"].numel() + batch["decoder_input_ids"].numel()
     return int((batch["segment_ids"] >= 0).sum())
 
 
@@ -603,7 +628,7 @@ def step_cost_case(name: str, dataset: str, config: dict, batch: int, reps: int,
 
 
 def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_new_tokens: int, reps: int,
-                        device: torch.device, dtype: torch.dtype) -> Case:
+                        device: torch.device, dtype: torch.dtype, compile: bool = False) -> Case:
     """A local teacher (the SmolLM2-135M shape, the dtype LocalTeacher loads) writing rationales for n real OBQA
     teacher prompts (§3.2: two in-context examples, the gold answer, "Let's think step by step."), longest
     first as run_teacher orders them. Row i stops after the token count of the release's LLaMA-2 rationale of
@@ -625,7 +650,8 @@ def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_
     outputs: dict = {}
 
     def ours_generate(n: int = n_prompts) -> None:
-        slots = llama.Slots(ours, min(rows, n), max(len(p) + k for p, k in zip(prompt_ids, limits)), device)
+        slots = llama.Slots(ours, min(rows, n), max(len(p) + k for p, k in zip(prompt_ids, limits)), device,
+                            compile=compile)
         with torch.inference_mode():
             outputs["ours"] = dict(tinyllm.continuous_generate(
                 slots, prompt_ids[:n], limits[:n], set(), lambda logits: logits.argmax(-1)))
@@ -658,7 +684,8 @@ def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_
                             new_tokens=sum(limits), max_new_tokens=max_new_tokens, limit_mean=sum(limits) / n_prompts))
     case.extra["compare"] = lambda: sum(outputs["ours"][i] == outputs["theirs"][i] for i in range(n_prompts)) / n_prompts
     case.warmup = lambda: (ours_generate(min(rows, 4)), theirs_generate(min(rows, 4)))
-    return case
+    # compiled: the first full call compiles every shape the run meets (its rows, its cache widths)
+    return compiled_case(case, lambda: theirs_generate(min(rows, 4))) if compile else case
 
 
 def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: int, reps: int,
@@ -791,18 +818,24 @@ def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
     t5_label, smol_label = ("tiny-t5", "tiny-llama") if cfg.quick else ("flan-t5-small", "smollm2-135m")
     if cfg.quick:  # the real tokenizers' ids need the real vocabulary sizes
         small, smol = {**small, "vocab_size": 32128}, {**smol, "vocab_size": 32000}
+    # --compile: ours compiled (the name says so), transformers eager; not in the quick smoke test, whose CI time
+    # would go to compiling (tests/test_compile.py checks the compiled paths)
+    compiles = (False,) if cfg.quick else (False, True)
     for kind, label, config in (("t5", t5_label, small), ("llama", smol_label, smol)):
-        name = f"job: train.py tinyllm step, {label} student, {job_batch} OBQA examples, 2 teachers"
-        plan.append(Plan(name, lambda name=name, kind=kind, config=config: tinyllm_job_case(
-            name, kind, config, job_batch, reps(10, 2), device, native_bf16)))
+        for compile in compiles:
+            name = f"job: train.py tinyllm step, {label} student, {job_batch} OBQA examples, 2 teachers"
+            plan.append(Plan(name + " --compile" * compile, lambda name=name, kind=kind, config=config, compile=compile:
+                             tinyllm_job_case(name, kind, config, job_batch, reps(10, 2), device, native_bf16, compile)))
     for dataset in ("obqa", "pubmedqa"):
         name = f"job: tinyllm step over fine-tuning step, {smol_label} student, {job_batch} {dataset} examples"
         plan.append(Plan(name, lambda name=name, dataset=dataset: step_cost_case(
             name, dataset, smol, job_batch, reps(10, 2), device, native_bf16)))
     for rows in rows_list:
-        name = f"job: rationales, {smol_label} teacher, {n_text} OBQA prompts, {rows} rows, LLaMA-2 lengths"
-        plan.append(Plan(name, lambda name=name, rows=rows: rationales_job_case(
-            name, smol, rows, n_text, max_new, reps(3, 1), device, teacher_dtype)))
+        for compile in compiles:
+            name = f"job: rationales, {smol_label} teacher, {n_text} OBQA prompts, {rows} rows, LLaMA-2 lengths"
+            plan.append(Plan(name + " --compile" * compile, lambda name=name, rows=rows, compile=compile:
+                             rationales_job_case(name, smol, rows, n_text, max_new, reps(3, 1), device, teacher_dtype,
+                                                 compile)))
     for kind, label, config in (("t5", t5_label, small), ("llama", smol_label, smol)):
         name = f"job: rank scoring, {label}, {n_text} OBQA test questions"
         plan.append(Plan(name, lambda name=name, kind=kind, config=config: rank_job_case(
@@ -865,6 +898,8 @@ def summarize(case: Case, timing: dict, device: torch.device, peaks: dict) -> li
         entry["same_tokens"] = bool(torch.equal(a.cpu(), b.cpu()))
     if "compare" in case.extra:  # the jobs: same rationales (fraction of rows), same option scores (bool)
         entry["same_output"] = case.extra["compare"]()
+    if "compile" in case.extra:
+        entry["compile"] = {**case.extra["compile"], "graphs": case.extra["graphs"]()}
     if case.extra.get("time_over_finetune"):  # both columns are ours: TinyLLM's step time / fine-tuning's
         entry["time_over_finetune"] = 1 / entry["ratio"]
     entries.append(entry)

@@ -101,8 +101,8 @@ STUDENT_FORMATS = {"t5": ("tiny_t5", {}), "llama": ("tiny_llama", {}),
 
 
 @pytest.mark.parametrize("kind", list(STUDENT_FORMATS))
-def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_dir, cache_dir):
-    """train.py's step (T5: two length groups; decoder-only: one tree per example, its shared prompt once and
+def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_dir, cache_dir, monkeypatch):
+    """train.py's step (T5: rows packed end to end, prompts and targets in the same bins; decoder-only: one tree per example, its shared prompt once and
     a branch per task, trees packed with a tree mask; the LM head at target positions only, chunked) gives the
     losses and gradients of every row computed alone (one padded forward over full logits, version 1's
     step), and each task's loss is the plain mean token cross-entropy of that task's rows alone. Rows of
@@ -118,9 +118,10 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
     assert len({t for t, _, _ in flat}) == 3 and len(flat) == 3 * LIMIT - 1  # t2's degenerate one is out
     assert [len(example) for example in micro] == [3, 2, 3, 3]
     pairs = [(p, tgt) for _, p, tgt in flat]
+    monkeypatch.setattr(train, "PACK_MULTIPLE", 128)  # T5: wide bins, so that these similar rows share them
     batch = student.collate([[(p, tgt) for _, p, tgt in example] for example in micro])[0]
     if kind == "t5":
-        assert len(batch) == 2  # answers and rationales in separate forwards
+        assert batch["input_ids"].shape[0] < len(pairs)  # several rows share a bin: the mask keeps them apart
     else:
         slots = int((batch["segment_ids"] >= 0).sum())
         if kind == "llama-plain":  # p_A / p_m start every input: nothing but BOS to share
@@ -177,14 +178,17 @@ def test_activation_checkpointing_leaves_gradients_unchanged(kind, request, data
         assert relative_error(grads[1][name], grads[0][name]) <= 1e-6, name
 
 
-def test_length_groups_and_packing():
-    rows = [([1] * 10, [2] * 3), ([1] * 12, [2] * 60), ([1] * 10, [2] * 4), ([1] * 11, [2] * 50)]
-    assert train.length_groups(rows) == [[0, 2], [3, 1]]  # answers apart from rationales
-    assert train.length_groups(rows[:1]) == [[0]]
-    assert train.length_groups([([1] * 10, [2] * 5), ([1] * 10, [2] * 5)]) == [[0, 1]]  # nothing to gain
-    bins = train.pack_rows([72, 13, 14, 61, 50, 20])
+def test_packing():
+    bins = train.pack_rows([(n,) for n in (72, 13, 14, 61, 50, 20)])
     assert bins == [[0], [3], [4, 5], [2, 1]]  # first-fit decreasing into bins of the longest row
     assert sorted(sum(bins, [])) == list(range(6))
+    # T5: (prompt, target) rows; a long rationale's bin takes short answers' prompts beside its own
+    sizes = [(30, 3), (28, 60), (30, 4), (29, 50), (31, 2)]
+    bins, (encoder_width, decoder_width) = train.pack_prompts_and_targets(sizes)
+    assert sorted(sum(bins, [])) == list(range(5)) and len(bins) < len(sizes)
+    for members in bins:
+        assert sum(sizes[i][0] for i in members) <= encoder_width and sum(sizes[i][1] for i in members) <= decoder_width
+    assert encoder_width % train.PACK_MULTIPLE == decoder_width % train.PACK_MULTIPLE == 0
 
 
 @pytest.mark.parametrize("kind,method", [("t5", m) for m in ("tinyllm", "finetune", "kd", "dss", "lora")]
