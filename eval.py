@@ -101,7 +101,7 @@ def split_results(records: list[dict], scorings: list[str]) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     data.check_flags(cfg)  # a config made in code (an experiment's run) is checked as a parsed one is
-    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]  # as SPLITS_RULE reads them
     data.check_folder(cfg.out, "--out")
     device = torch.device(resolve_device(cfg.device))
     if cfg.check_only:
@@ -576,8 +576,9 @@ def check_plans(runs: list[RunPlan], made_later: typing.Collection[str] = ()) ->
         if run.finished() or inputs in checked:
             continue
         checked.add(inputs)
-        for split in run.eval.splits.split(","):
-            data.load_split(run.eval.dataset, split.strip(), run.eval.data, limit=run.eval.limit or None)
+        for split in re.split(r"[,\s]+", run.eval.splits):
+            if split:
+                data.load_split(run.eval.dataset, split, run.eval.data, limit=run.eval.limit or None)
         if (run.folder / "train.json").is_file():  # training is over: only the evaluation is left
             continue
         if cfg.cache in made_later:
