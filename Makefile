@@ -23,6 +23,7 @@ OUT      ?= out
 SPLITS   ?= train
 RESUME   ?= 0
 ARGS     ?=
+CHECK    ?=
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 SEED     ?=
@@ -75,6 +76,7 @@ help: ## this list
 	@echo "  DATA=$(DATA)  CACHE=$(CACHE)  OUT=$(OUT)    datasets / rationale cache / checkpoints+results"
 	@echo "  RESUME=$(RESUME)    1 continues training from $(RUN)/last"
 	@echo "  ARGS=\"$(ARGS)\"    extra --key=value flags for the script behind the target"
+	@echo "  CHECK=$(CHECK)    train/eval: 1 only checks the flags, data, cache and run folder (make table does, for every run, first)"
 	@echo "  TRAIN_ARGS=\"$(TRAIN_ARGS)\"  EVAL_ARGS=\"$(EVAL_ARGS)\"    extra flags for train.py / eval.py only"
 	@echo "  SEEDS=\"$(SEEDS)\"    table/sweep/fractions/ablations: each row once per seed (RUN/seed<N>), mean ± std"
 	@echo "  SEED=$(SEED)    train/eval: one seed, in RUN/seed<SEED> (empty: RUN itself, seed 0)"
@@ -124,34 +126,40 @@ rationales: $(STAMPS)/setup ## teacher rationales into CACHE (paper §3.2, Eq. 1
 train: $(STAMPS)/setup ## train the student with METHOD into OUT/DATASET/METHOD (paper §3.3, Eq. 2-4)
 	$(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
 	  --method=$(METHOD) --teacher=$(TEACHER) --data=$(DATA) --cache=$(CACHE) --out=$(RUN) \
-	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) --seed=$(SEED) $(ARGS) $(TRAIN_ARGS)
+	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) --seed=$(SEED) \
+	  --check_only=$(CHECK) $(ARGS) $(TRAIN_ARGS)
 
 eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=inference)
 	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
-	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) $(ARGS) $(EVAL_ARGS)
+	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) --check_only=$(CHECK) $(ARGS) $(EVAL_ARGS)
 
 # Inference decodes greedily, with no seed: it runs once whatever SEEDS says. One shell for both loops, so
-# that each run can say "table: run k of n".
+# that each run can say "table: run k of n". Two passes: the first only checks every run (CHECK=1: its flags,
+# data, rationale caches and run folder), so that a mistake in the last run stops the table before the first.
 TABLE_RUNS = $(words $(filter inference,$(TABLE_METHODS)) \
   $(foreach s,$(SEED_LOOP),$(filter-out inference,$(TABLE_METHODS)) $(TEACHER_NAMES)))
 
 table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEEDS), print Table 1 (OUT/DATASET/table.md)
-	@k=0; for m in $(TABLE_METHODS); do \
-	  if [ $$m = inference ]; then \
-	    k=$$((k + 1)); echo "table: run $$k of $(TABLE_RUNS): METHOD=$$m"; \
-	    $(MAKE) --no-print-directory eval METHOD=$$m || exit 1; continue; \
-	  fi; \
-	  for s in $(SEED_LOOP); do \
-	    k=$$((k + 1)); echo "table: run $$k of $(TABLE_RUNS): METHOD=$$m$${s:+ SEED=$$s}"; \
-	    $(MAKE) --no-print-directory train METHOD=$$m SEED=$$s && \
-	    $(MAKE) --no-print-directory eval METHOD=$$m SEED=$$s || exit 1; \
+	@for pass in check run; do \
+	  c=$$([ $$pass = check ] && echo 1); k=0; \
+	  [ $$pass = check ] && echo "table: checking the flags, data, rationale caches and run folders of all $(TABLE_RUNS) runs"; \
+	  for m in $(TABLE_METHODS); do \
+	    if [ $$m = inference ]; then \
+	      k=$$((k + 1)); [ $$pass = run ] && echo "table: run $$k of $(TABLE_RUNS): METHOD=$$m"; \
+	      $(MAKE) --no-print-directory eval METHOD=$$m CHECK=$$c || exit 1; continue; \
+	    fi; \
+	    for s in $(SEED_LOOP); do \
+	      k=$$((k + 1)); [ $$pass = run ] && echo "table: run $$k of $(TABLE_RUNS): METHOD=$$m$${s:+ SEED=$$s}"; \
+	      $(MAKE) --no-print-directory train METHOD=$$m SEED=$$s CHECK=$$c && \
+	      $(MAKE) --no-print-directory eval METHOD=$$m SEED=$$s CHECK=$$c || exit 1; \
+	    done; \
 	  done; \
-	done; \
-	for t in $(TEACHER_NAMES); do for s in $(SEED_LOOP); do \
-	  k=$$((k + 1)); echo "table: run $$k of $(TABLE_RUNS): METHOD=dss TEACHER=$$t$${s:+ SEED=$$s}"; \
-	  $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t SEED=$$s && \
-	  $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t SEED=$$s || exit 1; \
-	done; done
+	  for t in $(TEACHER_NAMES); do for s in $(SEED_LOOP); do \
+	    k=$$((k + 1)); [ $$pass = run ] && echo "table: run $$k of $(TABLE_RUNS): METHOD=dss TEACHER=$$t$${s:+ SEED=$$s}"; \
+	    $(MAKE) --no-print-directory train METHOD=dss TEACHER=$$t SEED=$$s CHECK=$$c && \
+	    $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t SEED=$$s CHECK=$$c || exit 1; \
+	  done; done; \
+	done
 	$(PY) eval.py table --dataset=$(DATASET) --out=$(OUT)
 
 # ---- the paper's experiments, one command each: resumable (a finished run, with results.json, is kept) -----

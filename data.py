@@ -44,6 +44,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -391,12 +392,13 @@ def _copy_local(src: Path, part: Path, url: str, rel: str) -> None:
         os.fsync(fout.fileno())
 
 
-def http_download(url: str, part: Path, what: str,
-                  session: requests.Session | None = None) -> tuple[bool, Mapping[str, str]]:
+def http_download(url: str, part: Path, what: str, session: requests.Session | None = None,
+                  offline_hint: str = "") -> tuple[bool, Mapping[str, str]]:
     """Stream `url` into `part`, resuming a leftover `part` with a Range request. Returns (whether the
     bytes already in `part` were kept, the response headers). Raises DownloadError naming `what` and
     the URL (_NotFound for a 404); `part` keeps what arrived, so a later call resumes it. Shared by the
-    dataset files and the hub checkpoints (download_file, below)."""
+    dataset files and the hub checkpoints (download_file, below). `offline_hint` ends the message of a
+    connection that failed (no network: what to do instead)."""
     offset = part.stat().st_size if part.exists() else 0
     # identity: Content-Length and Range must count the bytes we store, not gzip-compressed ones
     headers = {"Accept-Encoding": "identity"}
@@ -406,7 +408,7 @@ def http_download(url: str, part: Path, what: str,
         with (session or requests).get(url, headers=headers, stream=True, timeout=(15, 60)) as response:
             if response.status_code == 416:  # the .part is not a prefix we can extend: start over
                 part.unlink()
-                return http_download(url, part, what, session)
+                return http_download(url, part, what, session, offline_hint)
             if response.status_code == 404:
                 raise _NotFound(f"{what}: HTTP 404 from {url}", 404)
             if response.status_code not in (200, 206):
@@ -432,7 +434,7 @@ def http_download(url: str, part: Path, what: str,
                 f.flush()
                 os.fsync(f.fileno())
     except requests.RequestException as e:  # connection reset, IncompleteRead, timeouts
-        raise DownloadError(f"{what}: download from {url} failed: {request_problem(e)}") from e
+        raise DownloadError(f"{what}: download from {url} failed: {request_problem(e)}{offline_hint}") from e
     if expected is not None and received != expected:
         raise DownloadError(f"{what}: truncated body from {url}: got {received} of {expected} bytes")
     if offset and resumed:
@@ -444,6 +446,10 @@ def request_problem(error: requests.RequestException) -> str:
     """requests' message nests urllib3's (a paragraph); the OS's reason is what the user needs."""
     reason = re.search(r"\[Errno -?\d+\] [^'\")]*", str(error))  # e.g. [Errno 111] Connection refused
     return f"{type(error).__name__}: {reason.group(0) if reason else str(error)[:300]}"
+
+
+OFFLINE_HINT = ("; with no network, point TINYLLM_DATA_URL at a local copy of the release's datasets/ folder "
+                "(a folder or file:// URL)")
 
 
 def _fetch_one(rel: str, dest: Path, base: str) -> None:
@@ -460,7 +466,7 @@ def _fetch_one(rel: str, dest: Path, base: str) -> None:
                     _copy_local(local / rel, part, url, rel)
                     resumed = False
                 else:
-                    resumed, _ = http_download(url, part, rel)
+                    resumed, _ = http_download(url, part, rel, offline_hint=OFFLINE_HINT)
             problem = checksum_problem(part, rel)
         except (DownloadError, OSError) as error:
             part.unlink(missing_ok=True)  # no partial file left behind an error we can see (a full disk too)
@@ -795,6 +801,74 @@ def download_file(session: requests.Session, url: str, dest: Path, required: boo
 
 
 
+JSON_FILES = ("config.json", "model.safetensors.index.json", "generation_config.json", "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json")
+
+
+def read_json(path: Path) -> object:
+    """A JSON file of a model folder, or a UserError naming it and what is wrong (not UTF-8, not JSON)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}; truncated or damaged)") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, from its header alone (None: whole): an 8-byte little-endian
+    header length, a JSON header, and tensor data that covers the rest of the file exactly."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"a header of {length} bytes in a file of {size}"
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2]
+    if len(ends) != len([key for key in header if key != "__metadata__"]):
+        return "a tensor entry without data_offsets"
+    data_size = size - 8 - length
+    if max(ends, default=0) != data_size:
+        return f"the header places {max(ends, default=0)} bytes of tensor data, the file holds {data_size}"
+    return None
+
+
+def check_model_files(folder: Path) -> dict:
+    """Before a model folder is loaded: every file it has is parsed (config.json, the safetensors index, each
+    safetensors file's header, the tokenizer's JSON files), so that a damaged one is named with what is wrong
+    with it. Returns config.json."""
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise UserError(f"{folder / 'config.json'}: not a JSON object")
+    for name in JSON_FILES[1:]:
+        if (folder / name).is_file():
+            read_json(folder / name)
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise UserError(f"{path}: truncated or not a safetensors file ({problem}); download or copy it again")
+    return config
+
+
+def check_model_source(source: str, what: str) -> None:
+    """Before any work: `source` is a model folder whose files parse (check_model_files), or a hub id (downloaded
+    when the model is loaded). `what` names the flag (--student)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file():
+        check_model_files(folder)
+    elif not folder.is_dir() and HUB_ID.match(source) is None:
+        raise UserError(f"{what}={source}: not a folder, and not a hub id org/name[@revision]")
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32,
                device: str = "cpu") -> tuple[nn.Module, object, str]:
     """(model, tokenizer, kind) for a hub id or folder: kind "t5" (t5.py) when config.json's
@@ -804,12 +878,22 @@ def load_model(source: str, dtype: torch.dtype = torch.float32,
     config_path = folder / "config.json"
     if not config_path.exists():
         raise UserError(f"model {source!r}: {config_path} not found (not a Hugging Face model folder)")
+    config = check_model_files(folder)
+    kind = "t5" if config.get("model_type") == "t5" else "llama"
+    model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
+    config_cls = t5.T5Config if kind == "t5" else llama.LlamaConfig
     # t5.py and llama.py import nothing of ours and raise ValueError / FileNotFoundError about the
     # folder (its config, weights, keys, shapes, tokenizer): here, where the user's model enters,
     # they become UserErrors.
     try:
-        kind = "t5" if json.loads(config_path.read_text()).get("model_type") == "t5" else "llama"
-        model_cls, tokenizer_cls = (t5.T5, t5.Tokenizer) if kind == "t5" else (llama.Llama, llama.Tokenizer)
+        config_cls.from_hf_config(config)
+    except KeyError as e:  # a field the model needs
+        raise UserError(f"{config_path}: missing key {e} (a {kind} config.json needs it)") from e
+    except ValueError as e:  # an unsupported value: the model's own message names the field
+        raise UserError(f"{config_path}: {e}") from e
+    except TypeError as e:  # a value of the wrong JSON type (a string for a number, ...)
+        raise UserError(f"{config_path}: a value of the wrong type ({e})") from e
+    try:
         model = model_cls.from_pretrained(folder, dtype=dtype, device=device)
     except ValueError as e:  # config values, keys, shapes
         raise UserError(f"{config_path}: {e}") from e
@@ -823,6 +907,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32,
         raise UserError(f"model {source!r}: no usable tokenizer: {e}; a checkpoint folder needs the tokenizer "
                         f"files of the model it was trained from (spiece.model, tokenizer.model or tokenizer.json)"
                         ) from e
+    except RuntimeError as e:  # sentencepiece: "could not parse ModelProto from <file>"
+        if "parse" not in str(e):
+            raise
+        raise UserError(f"model {source!r}: a tokenizer file cannot be parsed, truncated or damaged ({e})") from e
     return model, tokenizer, kind
 
 
@@ -861,6 +949,89 @@ def setup_distributed(device_flag: str, backend: str | None = None) -> tuple[int
 # ----------------------------------------------------------------------------- command line: flags, --help, errors
 # Every script (tinyllm.py, train.py, eval.py, tests/bench.py) reads its flags with parse_flags and
 # runs under run_main: one flag syntax, one --help, one way errors and Ctrl-C are reported.
+
+@dataclass(frozen=True)
+class Rule:
+    """What a flag's value must be, declared once next to its config field (`flag`): `text` is shown by
+    --help, `test(value)` returns what is wrong (None when the value is fine) or raises a UserError of its
+    own. `empty_is_value`: `--key=` is that value and is checked, rather than keeping the default."""
+    text: str
+    test: Callable[[typing.Any], str | None]
+    empty_is_value: bool = False
+
+
+def flag(default: typing.Any, rule: Rule | None = None) -> typing.Any:
+    """A config field whose value must follow `rule`: `batch_size: int = flag(8, at_least(1))`."""
+    return dataclasses.field(default=default, metadata={"rule": rule} if rule else {})
+
+
+def _number(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def at_least(low: float) -> Rule:
+    return Rule(f">= {low:g}", lambda v: None if _number(v) and v >= low else f"must be >= {low:g}")
+
+
+def above(low: float) -> Rule:
+    return Rule(f"> {low:g}", lambda v: None if _number(v) and v > low else f"must be > {low:g}")
+
+
+def fraction() -> Rule:
+    return Rule("in (0, 1]", lambda v: None if _number(v) and 0 < v <= 1 else "must be in (0, 1]")
+
+
+def one_of(*choices: object) -> Rule:
+    listed = ", ".join(map(str, choices))
+    return Rule(f"one of {listed}", lambda v: None if v in choices else f"not one of {listed}")
+
+
+def some_of(*choices: str, at_least_one: bool = True) -> Rule:
+    """A comma- or space-separated list of `choices`, each at most once."""
+    listed = ", ".join(choices)
+
+    def test(value: str) -> str | None:
+        items = [item for item in re.split(r"[,\s]+", value) if item]
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            return f"{unknown[0]!r} is not one of {listed}"
+        if len(set(items)) != len(items):
+            return "each at most once"
+        return "no value given" if at_least_one and not items else None
+
+    return Rule(f"comma-separated, of {listed}", test)
+
+
+BOOL = one_of(0, 1)  # int flags that are switches
+AUTO_BOOL = one_of(-1, 0, 1)  # -1: the default or the checkpoint's
+
+
+# flag -> the make variable that sets it: a message about a flag names both
+MAKE_VARIABLES = {name: name.upper() for name in (
+    "dataset", "datasets", "teachers", "student", "alpha", "alphas", "method", "methods", "teacher", "device",
+    "limit", "train_limit", "scoring", "data", "cache", "out", "resume", "seed", "seeds", "sweep", "fractions")}
+
+
+def flag_problem(name: str, value: object, problem: str) -> UserError:
+    shown = f"{value:g}" if isinstance(value, float) else value
+    variable = MAKE_VARIABLES.get(name)
+    return UserError(f"--{name}={shown}: {problem}" + (f" ({variable}= for make)" if variable else ""))
+
+
+def check_flags(config: ConfigT) -> ConfigT:
+    """Every field of a config against the rule declared next to it (flag), then the config's own check()
+    of fields together, if it has one: what parse_flags does for each script, and the experiments for each
+    run they plan, before anything starts."""
+    for f in dataclasses.fields(config):
+        rule = f.metadata.get("rule")
+        value = getattr(config, f.name)
+        problem = rule.test(value) if rule else None
+        if problem:
+            raise flag_problem(f.name, value, problem)
+    if hasattr(config, "check"):
+        config.check()
+    return config
+
 
 GLOBAL_FLAGS = {"debug": "1: the traceback of expected errors too (or TINYLLM_DEBUG=1)",
                 "help": "this list"}
@@ -932,12 +1103,14 @@ def flags_help(config_cls: type, command: str = "") -> str:
     if not doc:  # a config without a docstring: the script's own one-line summary
         module_doc = sys.modules[config_cls.__module__].__doc__ or ""
         doc = module_doc.strip().split("\n\n")[0].replace("\n", " ")
-    shown = [(heading, f"--{name}={shell_quote(default)}", kind, comment) for heading, name, kind, default, comment in rows]
+    rules = {f.name: f.metadata.get("rule") for f in dataclasses.fields(config_cls)}
+    shown = [(heading, f"--{name}={shell_quote(default)}", kind, comment + (f" [{rules[name].text}]" if rules[name] else ""))
+             for heading, name, kind, default, comment in rows]
     shown += [("every script", f"--{name}" + ("=0" if name == "debug" else ""), "bool" if name == "debug" else "",
                comment) for name, comment in GLOBAL_FLAGS.items()]
     width = min(max(len(flag) for _, flag, _, _ in shown), 36)
     lines = [f"usage: python {script_of(config_cls, command)} [--key=value ...]", doc, "",
-             "flags (type, then what it is; --key= with no value keeps the default):"]
+             "flags (type, then what it is [the values allowed]; --key= with no value keeps the default):"]
     previous = ""
     for heading, flag, kind, comment in shown:
         if heading != previous:
@@ -955,13 +1128,21 @@ ConfigT = typing.TypeVar("ConfigT")  # a script's config dataclass
 
 
 def parse_flags(config_cls: type[ConfigT], args: list[str], command: str = "") -> ConfigT:
-    """`--key=value` overrides of a config dataclass, converted to and checked against its field
-    types. An empty value keeps the default (the Makefile passes unset variables as empty). --help
-    prints every field from the dataclass source and exits; --debug is run_main's."""
+    """`--key=value` overrides of a config dataclass, converted to its field types and checked against the
+    rules declared next to the fields (check_flags). An empty value keeps the default (the Makefile passes
+    unset variables as empty), unless the field's rule says it is a value. --help prints every field from the
+    dataclass source and exits; --debug is run_main's."""
     if any(arg in ("--help", "-h", "help") for arg in args):
         print(flags_help(config_cls, command))
         raise SystemExit(0)
+    return check_flags(config_cls(**read_flags(config_cls, args, command)))
+
+
+def read_flags(config_cls: type, args: list[str], command: str = "") -> dict[str, typing.Any]:
+    """{field: value} of the `--key=value` flags in `args`, each converted to its field's type (not yet checked
+    against the rules: check_flags does that, on the whole config)."""
     types = typing.get_type_hints(config_cls)
+    rules = {f.name: f.metadata.get("rule") for f in dataclasses.fields(config_cls)}
     values = {}
     for arg in args:
         key, sep, value = arg.removeprefix("--").partition("=")
@@ -974,7 +1155,7 @@ def parse_flags(config_cls: type[ConfigT], args: list[str], command: str = "") -
             close = difflib.get_close_matches(key, types, n=1)
             raise UserError(f"unknown flag --{key}" + (f" (did you mean --{close[0]}?)" if close else "")
                             + f"; `python {script_of(config_cls, command)} --help` lists every flag")
-        if value == "":
+        if value == "" and not (rules[key] and rules[key].empty_is_value):
             continue
         kind = types[key]
         if kind is bool:
@@ -983,8 +1164,8 @@ def parse_flags(config_cls: type[ConfigT], args: list[str], command: str = "") -
         try:
             values[key] = kind(value)
         except ValueError:
-            raise UserError(f"--{key}={value}: expected {kind.__name__}") from None
-    return config_cls(**values)
+            raise flag_problem(key, value, f"expected {kind.__name__}") from None
+    return values
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -1008,7 +1189,52 @@ def expected_failure(error: BaseException, memory_hint: str) -> str | None:
         where = f" writing {error.filename}" if error.filename else ""
         return (f"no space left on the disk{where}: free some space, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) "
                 "at a disk with room; files written completely are kept, no partial one is left")
+    if isinstance(error, OSError) and error.filename is not None:
+        return os_problem(error)
     return None
+
+
+# what the innermost frame of an OSError was doing, by its function's name or its line: the first match
+OPERATIONS = (("mkdir", "cannot create the folder"), ("replace", "cannot move"), ("rename", "cannot move"),
+              ("unlink", "cannot remove"), ("rmtree", "cannot remove"), ("copy", "cannot copy"),
+              ("write", "cannot write"), ("open", "cannot open"), ("read", "cannot read"), ("load", "cannot read"),
+              ("stat", "cannot look at"), ("dir", "cannot list"))
+
+
+def os_problem(error: OSError) -> str:
+    """A file or folder the operating system refused (not a directory, permission, a file that vanished): one
+    line, `<operation> <path>: <reason>`, and what is in the way where we can see it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f"{frames[-1].name} {frames[-1].line}".lower() if frames else ""
+    operation = next((verb for word, verb in OPERATIONS if word in where), "cannot use")
+    path = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+    reason = error.strerror or str(error)
+    if error.errno == errno.EEXIST and Path(error.filename).is_file():
+        reason += " (a file, not a folder)"
+    elif error.errno == errno.ENOTDIR:
+        blocker = Path(error.filename)
+        while blocker != blocker.parent and not (blocker.exists() or blocker.is_symlink()):
+            blocker = blocker.parent
+        if blocker.exists() and not blocker.is_dir():
+            reason += f" ({blocker} is a file, not a folder)"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason += "; check its permissions, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) elsewhere"
+    return f"{operation} {path}: {reason}"
+
+
+def check_folder(path: str | Path, what: str) -> None:
+    """Before any work: `path` is a folder we can write into, or one we can create (no file in the way, the
+    permission to). `what` names it for the message (--out, --cache)."""
+    path = Path(path)
+    existing = path.absolute()
+    while existing != existing.parent and not existing.exists():
+        existing = existing.parent
+    variable = MAKE_VARIABLES.get(what.removeprefix("--"))
+    other = f"choose another {what}" + (f" ({variable}= for make)" if variable else "")
+    if not existing.is_dir():
+        raise UserError(f"{what}={path}: {existing} is a file, not a folder; {other}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what}={path}: no permission to write in {existing}; {other}")
 
 
 def run_main(main: Callable[[list[str]], object], memory_hint: str) -> None:

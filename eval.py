@@ -39,39 +39,50 @@ import torch
 import data
 import tinyllm
 import train
-from data import (ConfigT, Progress, UserError, atomic_write, format_seconds, interrupt_note, parse_flags,
-                  resolve_device, run_main)
+from data import (AUTO_BOOL, BOOL, ConfigT, Progress, Rule, UserError, at_least, atomic_write, flag, format_seconds,
+                  interrupt_note, one_of, parse_flags, resolve_device, run_main, some_of)
 from train import accuracy, bf16_supported, load_student, parse_scoring, predict
+
+
+METRIC_NAMES = {"accuracy": "accuracy (each run's --scoring)", "accuracy_generate": "generate (exact match)",
+                "accuracy_sum": "rank, summed log-likelihood (acc)", "accuracy_norm": "rank, per byte (acc_norm)"}
+SPLITS_RULE = some_of(*data.SPLITS)  # here: a config's `data` field hides the module in its class body
+SCORING_RULE = Rule("generate, rank or generate,rank", lambda value: parse_scoring(value) and None)
 
 
 @dataclass
 class EvalConfig:
     """`python eval.py`: accuracy of a model on test and valid (exact match of its answer, or ranked options)."""
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    dataset: str = flag("obqa", one_of(*data.DATASETS))  # the benchmark (§4.1)
     model: str = ""  # hub id or folder (a run's best/, the student for inference, a teacher)
     method: str = ""  # the row this is in the table: inference, finetune, kd, dss, lora, tinyllm, teacher
     data: str = "data"  # the datasets' folder (downloaded and checksummed on first use)
     out: str = ""  # the run folder results go into
-    limit: int = 0  # first N examples of each split (0 = all)
+    limit: int = flag(0, at_least(0))  # first N examples of each split (0 = all)
     device: str = "auto"  # auto = cuda when available, else cpu
-    scoring: str = "generate"  # generate (the paper's) | rank (lm-eval's log-likelihood) | generate,rank (both)
-    splits: str = "test,valid"  # comma-separated, of test, valid
-    batch_size: int = 32  # questions per forward pass
-    max_input_tokens: int = 1024  # longer inputs lose words from the start of the question
-    max_new_tokens: int = 64  # the longest generated answer, in tokens
-    bf16: int = 1  # bf16 weights where the device computes bf16 natively (fp32 elsewhere)
-    chat: int = -1  # decoder-only student: 1 = chat template, 0 = plain; -1 = the checkpoint's format, else default
-    boundary: int = -1  # decoder-only student: 1 = the input ends with "Answer:"; -1 = the checkpoint's, else 1
-    task_prefix: int = -1  # decoder-only student: 1 = p_A ("predict: ") at the start too; -1 = the checkpoint's, else 0
+    scoring: str = flag("generate", SCORING_RULE)  # generate (the paper's) | rank (lm-eval's log-likelihood) | generate,rank (both)
+    splits: str = flag("test,valid", SPLITS_RULE)  # the splits evaluated
+    batch_size: int = flag(32, at_least(1))  # questions per forward pass
+    max_input_tokens: int = flag(1024, at_least(1))  # longer inputs lose words from the start of the question
+    max_new_tokens: int = flag(64, at_least(1))  # the longest generated answer, in tokens
+    bf16: int = flag(1, BOOL)  # bf16 weights where the device computes bf16 natively (fp32 elsewhere)
+    chat: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = chat template, 0 = plain; -1 = the checkpoint's format, else default
+    boundary: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = the input ends with "Answer:"; -1 = the checkpoint's, else 1
+    task_prefix: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = p_A ("predict: ") at the start too; -1 = the checkpoint's, else 0
+    check_only: int = flag(0, BOOL)  # 1: check the flags, the data and the run folder, then stop (the model is not loaded)
+
+    def check(self) -> None:
+        if not self.model or not self.out:
+            raise UserError("eval.py needs --model (hub id or folder) and --out (the run folder for results)")
 
 
 @dataclass
 class TableConfig:
     """`python eval.py table`: Table 1 from every run's results.json, with Δ_FF, Δ_Distill and paired tests."""
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    dataset: str = flag("obqa", one_of(*data.DATASETS))  # the benchmark (§4.1)
     out: str = "out"  # reads OUT/<dataset>/*/results.json, writes OUT/<dataset>/table.md
-    metric: str = "accuracy"  # column(s), comma-separated: accuracy | accuracy_generate | accuracy_sum | accuracy_norm
-    resamples: int = 10000  # paired bootstrap resamples of the test questions
+    metric: str = flag("accuracy", some_of(*METRIC_NAMES))  # the column(s) of the table
+    resamples: int = flag(10000, at_least(1))  # paired bootstrap resamples of the test questions
     seed: int = 0  # of the bootstrap
 
 
@@ -89,13 +100,15 @@ def split_results(records: list[dict], scorings: list[str]) -> dict:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    if not cfg.model or not cfg.out:
-        raise UserError("eval.py needs --model (hub id or folder) and --out (the run folder for results)")
-    splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
-    for split in splits:
-        if split not in data.SPLITS:
-            raise UserError(f"--splits: unknown split {split!r} (splits: {', '.join(data.SPLITS)})")
+    data.check_flags(cfg)  # a config made in code (an experiment's run) is checked as a parsed one is
+    splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]  # as SPLITS_RULE reads them
+    data.check_folder(cfg.out, "--out")
     device = torch.device(resolve_device(cfg.device))
+    if cfg.check_only:
+        for split in splits:
+            data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None)
+        print(f"{cfg.out}: the flags, the data and the run folder are fine (--check_only=1)")
+        return {}
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
     scorings = parse_scoring(cfg.scoring)
@@ -293,10 +306,6 @@ def paired_line(ours: Run, base: Run, metric: str, resamples: int, seed: int) ->
     return f"{label} {diff:+.2f} | [{low:+.2f}, {high:+.2f}] | {p:.3g} | {only_ours} / {only_base} |"
 
 
-METRIC_NAMES = {"accuracy": "accuracy (each run's --scoring)", "accuracy_generate": "generate (exact match)",
-                "accuracy_sum": "rank, summed log-likelihood (acc)", "accuracy_norm": "rank, per byte (acc_norm)"}
-
-
 def table(cfg: TableConfig) -> str:
     """Table 1: one row per run, a column per metric of `--metric`, the wall time when recorded, Δ_FF and
     Δ_Distill (relative, as the paper), then the paired differences of TinyLLM against fine-tuning and the best
@@ -388,18 +397,21 @@ def write_table(cfg: TableConfig, text: str) -> None:
 # Experiment, runs them and writes its table (write_<name>), a line in EXPERIMENTS, and its figure
 # (draw_summary) and section of the report (SECTIONS).
 
+SEEDS_RULE = Rule("integers, each once", lambda value: parse_seeds(value) and None)
+
+
 @dataclass
 class ExperimentConfig:
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    dataset: str = flag("obqa", one_of(*data.DATASETS))  # the benchmark (§4.1)
     student: str = "google/flan-t5-small"  # hub id or folder
-    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
+    teachers: str = flag("flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2", tinyllm.TEACHERS_RULE)  # name=source ...
     data: str = "data"  # the datasets' folder
     cache: str = "cache"  # the rationale cache (`make rationales`)
     out: str = "out"  # rows in OUT/<dataset>/<experiment>/, the summary in OUT/<dataset>/<experiment>.json
-    limit: int = 0  # first N examples of each split (0 = all)
+    limit: int = flag(0, at_least(0))  # first N examples of each split (0 = all)
     device: str = "auto"  # auto = cuda when available, else cpu
-    seeds: str = ""  # "0 1 2": every row once per seed, in <row>/seed<N>/, reported as mean ± std ("" = once)
-    metric: str = "accuracy"  # the results.json number compared (and selected on, by the sweep)
+    seeds: str = flag("", SEEDS_RULE)  # "0 1 2": every row once per seed, in <row>/seed<N>/, reported as mean ± std ("" = once)
+    metric: str = flag("accuracy", one_of(*METRIC_NAMES))  # the results.json number compared (and selected on, by the sweep)
     train_args: str = ""  # extra train.py flags for every run, e.g. "--epochs=3 --lr=1e-4"
     eval_args: str = ""  # extra eval.py flags for every run (decoding follows train.py's validation unless set)
 
@@ -433,9 +445,9 @@ def parse_seeds(seeds: str) -> list[int | None]:
     try:
         values = [int(item) for item in re.split(r"[,\s]+", seeds.strip()) if item]
     except ValueError:
-        raise UserError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\"") from None
+        raise UserError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\" (SEEDS= for make)") from None
     if len(set(values)) != len(values):
-        raise UserError(f"--seeds={seeds!r}: a seed appears twice")
+        raise UserError(f"--seeds={seeds!r}: a seed appears twice (SEEDS= for make)")
     return values or [None]
 
 
@@ -443,20 +455,16 @@ def with_flags(config: ConfigT, args: str, what: str, fixed: set[str]) -> Config
     """`config` with the --key=value flags in `args` applied (type-checked by parse_flags). The keys in
     `fixed` are set by the experiment itself, per row, and refused here."""
     tokens = shlex.split(args)
-    parsed = parse_flags(type(config), tokens)
+    values = data.read_flags(type(config), tokens)
     keys = [token.removeprefix("--").partition("=")[0] for token in tokens]
     taken = sorted(set(keys) & fixed)
     if taken:
         raise UserError(f"{what}: --{taken[0]} is set by the experiment itself ({', '.join(sorted(fixed))})")
-    return dataclasses.replace(config, **{key: getattr(parsed, key) for key in keys})
+    return data.check_flags(dataclasses.replace(config, **values))
 
 
 def check_experiment(cfg: ExperimentConfig) -> None:
-    if cfg.dataset not in data.DATASETS:
-        raise UserError(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)}")
-    if cfg.metric not in METRIC_NAMES:
-        raise UserError(f"--metric={cfg.metric!r}: expected one of {', '.join(METRIC_NAMES)}")
-    parse_seeds(cfg.seeds)
+    data.check_flags(cfg)  # parse_flags did for the command line; again for a config made in code (the study's)
 
 
 @dataclass
@@ -496,7 +504,7 @@ def plan_runs(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> li
                    cache=cfg.cache, limit=cfg.limit, device=cfg.device)
         own.update(fields, out=str(out), **({} if seed is None else {"seed": seed}))
         train_cfg = with_flags(train.TrainConfig(**own), cfg.train_args, f"{command} --train_args",
-                               set(own) | {"resume"})
+                               set(own) | {"resume", "check_only"})
         # Decode as training's validation did (best/ was chosen on it), unless --eval_args says otherwise.
         eval_own = dict(dataset=cfg.dataset, model=str(out / "best"), method=train_cfg.method, data=cfg.data,
                         out=str(out), limit=cfg.limit, device=cfg.device)
@@ -504,7 +512,8 @@ def plan_runs(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> li
                               max_input_tokens=train_cfg.max_input_tokens, max_new_tokens=train_cfg.max_new_tokens,
                               bf16=train_cfg.bf16, chat=train_cfg.chat, boundary=train_cfg.boundary,
                               task_prefix=train_cfg.task_prefix)
-        runs.append(RunPlan(train_cfg, with_flags(eval_cfg, cfg.eval_args, f"{command} --eval_args", set(eval_own))))
+        runs.append(RunPlan(train_cfg, with_flags(eval_cfg, cfg.eval_args, f"{command} --eval_args",
+                                                  set(eval_own) | {"check_only"})))
     return runs
 
 
@@ -552,8 +561,37 @@ class Experiment:
                     command=command_line(self.name, cfg), **extra, rows=self.rows)
 
 
+def check_plans(runs: list[RunPlan], made_later: typing.Collection[str] = ()) -> None:
+    """Before the first run starts, every run's: train.py and eval.py flags (each field's rule, then together),
+    run folder (creatable), and for a run with training still to do the data and the rationale cache it reads
+    (train.check_run; a cache in `made_later`, which the experiment fills first, only from then on)."""
+    checked: set[tuple] = set()
+    for run in runs:
+        data.check_flags(run.train)
+        data.check_flags(run.eval)
+        data.check_folder(run.folder, "--out")
+        cfg = run.train
+        inputs = (cfg.dataset, cfg.data, cfg.cache, cfg.teachers, cfg.method, cfg.teacher, cfg.limit, cfg.train_limit,
+                  cfg.train_fraction, cfg.seed, run.eval.splits)
+        if run.finished() or inputs in checked:
+            continue
+        checked.add(inputs)
+        for split in re.split(r"[,\s]+", run.eval.splits):
+            if split:
+                data.load_split(run.eval.dataset, split, run.eval.data, limit=run.eval.limit or None)
+        if (run.folder / "train.json").is_file():  # training is over: only the evaluation is left
+            continue
+        if cfg.cache in made_later:
+            train.check_config(cfg, 1)
+            train.training_examples(cfg)
+        else:
+            train.check_run(cfg)
+
+
 def run_plans(runs: list[RunPlan]) -> None:
-    """Every run not finished yet, in order; finished ones (results.json) are kept as they are."""
+    """Every run not finished yet, in order, once every run is checked (check_plans); finished ones (results.json)
+    are kept as they are."""
+    check_plans(runs)
     todo = [run for run in runs if not run.finished()]
     done = len(runs) - len(todo)
     print(f"{done} of {len(runs)} runs finished already (kept), {len(todo)} to run", flush=True)
@@ -599,11 +637,18 @@ def write_summary(root: Path, name: str, summary: dict, lines: list[str]) -> dic
 
 # ---- the α sweep (§4.1, Fig. 3)
 
+ALPHAS_RULE = Rule("numbers >= 0", lambda value: parse_numbers(value, "--alphas", lambda a: a >= 0, "an α >= 0")
+                   and None)
+
+
 @dataclass
 class SweepConfig(ExperimentConfig):
     """`python eval.py sweep`: TinyLLM once per combination of α over the teachers, the best chosen on valid."""
-    alphas: str = "0.01 0.1 0.5 1 2 3"  # §4.1: the values of every α_m; the grid is their product over teachers
+    alphas: str = flag("0.01 0.1 0.5 1 2 3", ALPHAS_RULE)  # §4.1: the values of every α_m; the grid is their product over teachers
     sweep: str = ""  # an explicit grid instead, naming every teacher: "a=0.1,1 b=1,3"
+
+    def check(self) -> None:
+        sweep_grid(self, [name for name, _ in tinyllm.parse_teachers(self.teachers)])
 
 
 def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
@@ -669,12 +714,19 @@ def write_sweep(root: Path, summary: dict) -> dict:
 
 # ---- less training data (Fig. 2)
 
+FRACTIONS_RULE = Rule("numbers in (0, 1]", lambda value: parse_numbers(value, "--fractions", lambda f: 0 < f <= 1,
+                                                                     "a fraction in (0, 1]") and None)
+
+
 @dataclass
 class FractionsConfig(ExperimentConfig):
     """`python eval.py fractions`: every method on nested fractions of the training set (Fig. 2)."""
-    fractions: str = "0.125 0.25 0.5 0.75 1"  # Fig. 2: fractions of the training set (nested, per seed)
+    fractions: str = flag("0.125 0.25 0.5 0.75 1", FRACTIONS_RULE)  # Fig. 2: fractions of the training set (nested, per seed)
     methods: str = "tinyllm dss finetune"  # a curve each; dss once per teacher (dss-<teacher>), kd with the first
-    alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
+    alpha: str = flag("", train.ALPHA_RULE)  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
+
+    def check(self) -> None:
+        method_runs(self.methods, [name for name, _ in tinyllm.parse_teachers(self.teachers)])
 
 
 def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
@@ -732,7 +784,7 @@ def write_fractions(root: Path, summary: dict) -> dict:
 @dataclass
 class AblationsConfig(ExperimentConfig):
     """`python eval.py ablations`: Table 2, TinyLLM without each teacher, in-context examples, teacher forcing."""
-    alpha: str = ""  # name=weight ... (default 1 each); a row without a teacher keeps the others' α
+    alpha: str = flag("", train.ALPHA_RULE)  # name=weight ... (default 1 each); a row without a teacher keeps the others' α
     rationales_args: str = ""  # extra `rationales` flags for the re-prompted caches (those CACHE was made with)
 
 
@@ -774,6 +826,7 @@ def ablations(cfg: AblationsConfig) -> dict:
         rationales_cfg = with_flags(tinyllm.RationalesConfig(**fields), cfg.rationales_args,
                                     "ablations --rationales_args", set(fields))
         reprompted.append((rationales_cfg, add(key, label, teachers, cache)))
+    check_plans(experiment.runs, made_later={rationales_cfg.cache for rationales_cfg, _ in reprompted})
     for rationales_cfg, runs in reprompted:  # teachers are loaded only for rows with runs still to do
         if not all(run.finished() for run in runs):
             tinyllm.rationales(rationales_cfg)
@@ -807,11 +860,15 @@ def write_ablations(root: Path, summary: dict) -> dict:
 @dataclass
 class StudyConfig(ExperimentConfig):
     """`python eval.py study`: every method on every dataset, once per seed, and the pooled paired difference."""
-    datasets: str = ""  # the datasets, each a stratum of the pooled analysis ("" = --dataset)
+    datasets: str = flag("", some_of(*data.DATASETS, at_least_one=False))  # the datasets, each a stratum of the pooled analysis ("" = --dataset)
     methods: str = "finetune tinyllm"  # the methods compared: the difference is the last minus the first
-    alpha: str = ""  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
-    resamples: int = 10_000  # bootstrap resamples and sign flips of the analysis
-    train: int = 1  # 0: only the analysis of the runs finished so far, nothing is trained
+    alpha: str = flag("", train.ALPHA_RULE)  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
+    resamples: int = flag(10_000, at_least(1))  # bootstrap resamples and sign flips of the analysis
+    train: int = flag(1, BOOL)  # 0: only the analysis of the runs finished so far, nothing is trained
+
+    def check(self) -> None:
+        if len(method_runs(self.methods, [name for name, _ in tinyllm.parse_teachers(self.teachers)])) < 2:
+            raise UserError(f"--methods={self.methods!r}: a study compares two methods or more (the last minus the first)")
 
 
 def study_datasets(cfg: StudyConfig) -> list[str]:
@@ -1101,7 +1158,7 @@ def draw_training(metrics: Path, root: Path) -> Path:
 @dataclass
 class ReportConfig:
     """`python eval.py report`: OUT/<dataset>/report.md, every table and figure there with its command."""
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    dataset: str = flag("obqa", one_of(*data.DATASETS))  # the benchmark (§4.1)
     out: str = "out"  # links what is under OUT/<dataset>/ in OUT/<dataset>/report.md
 
 

@@ -40,7 +40,8 @@ import data
 import llama
 import prompts
 import t5
-from data import Progress, UserError, atomic_write, interrupt_note, load_model, parse_flags, run_main
+from data import (BOOL, Progress, UserError, above, at_least, atomic_write, flag, fraction, interrupt_note, load_model, one_of,
+                  parse_flags, run_main, some_of)
 
 
 # ---- the rationale cache ----------------------------------------------------------------------
@@ -458,30 +459,48 @@ def teacher_kind(source: str) -> tuple[type, str]:
     return LocalTeacher, source
 
 
+def check_teacher(cfg: "RationalesConfig", name: str, source: str) -> None:
+    """A teacher's source, before any teacher starts: its kind and what can be checked without loading it or
+    asking a server (the release's teacher names, a server's BASE_URL#MODEL, a local folder's model files)."""
+    teacher_cls, spec = teacher_kind(source)
+    try:
+        if teacher_cls is LocalTeacher:
+            if (Path(spec) / "config.json").is_file():
+                data.check_model_files(Path(spec))
+        else:
+            teacher_cls(spec, cfg, "cpu")  # these constructors only read their spec
+    except UserError as e:
+        raise UserError(f"--teachers: {name}={source}: {e}") from e
+
+
 # ---- the `rationales` command -----------------------------------------------------------------
+
+TEACHERS_RULE = data.Rule("name=source ..., at least one, names distinct",
+                          lambda value: parse_teachers(value) and None, empty_is_value=True)
+
 
 @dataclass
 class RationalesConfig:
     """`python tinyllm.py rationales`: every teacher's rationales into CACHE (§3.2, Eq. 1)."""
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
-    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # name=source ...
+    dataset: str = flag("obqa", one_of(*data.DATASETS))  # the benchmark (§4.1)
+    teachers: str = flag("flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2", TEACHERS_RULE)  # name=source ...
     data: str = "data"  # the datasets' folder (downloaded and checksummed on first use)
     cache: str = "cache"  # the rationale cache: CACHE/<dataset>/<teacher>.jsonl
-    limit: int = 0  # first N examples of each split (0 = all)
-    splits: str = "train"  # comma-separated, of train, valid
+    limit: int = flag(0, at_least(0))  # first N examples of each split (0 = all)
+    splits: str = flag("train", some_of("train", "valid"))  # the splits to make rationales for
     device: str = "auto"  # auto = cuda when available, else cpu
-    k: int = 2  # in-context examples per prompt (0 = none)
+    k: int = flag(2, at_least(0))  # in-context examples per prompt (0 = none)
     seed: int = 0  # picks the in-context examples (and seeds sampling)
     teacher_forcing: bool = True  # §3.2: the teacher sees the gold answer
-    max_new_tokens: int = 128  # the longest rationale, in tokens
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    batch_size: int = 8  # prompts per forward pass of a local teacher
-    compile: int = 0  # 1: a LLaMA-family local teacher's one-token decode step through torch.compile (off: see README)
-    concurrency: int = 8  # requests in flight to a server teacher
-    timeout: float = 120.0  # seconds per server request
-    retries: int = 5  # further attempts on connection errors, timeouts, 429, 5xx, non-OpenAI answers
-    backoff: float = 1.0  # seconds before the first retry, doubled at each
+    max_new_tokens: int = flag(128, at_least(1))  # the longest rationale, in tokens
+    temperature: float = flag(0.0, at_least(0))  # 0 = greedy
+    top_p: float = flag(1.0, fraction())  # nucleus sampling when temperature > 0
+    batch_size: int = flag(8, at_least(1))  # prompts per forward pass of a local teacher
+    compile: int = flag(0, BOOL)  # 1: a LLaMA-family local teacher's one-token decode step through torch.compile (off: see README)
+    concurrency: int = flag(8, at_least(1))  # requests in flight to a server teacher
+    timeout: float = flag(120.0, above(0))  # seconds per server request
+    retries: int = flag(5, at_least(0))  # further attempts on connection errors, timeouts, 429, 5xx, non-OpenAI answers
+    backoff: float = flag(1.0, at_least(0))  # seconds before the first retry, doubled at each
 
 
 def parse_teachers(spec: str, sources: bool = True) -> list[tuple[str, str]]:
@@ -627,15 +646,13 @@ def make_record(name: str, source: str, settings: dict, job: Job, output: str | 
 
 def rationales(cfg: RationalesConfig) -> None:
     """Fill the cache with every teacher's rationales for the chosen splits, then print a summary."""
-    if cfg.dataset not in data.DATASETS:
-        raise UserError(f"--dataset={cfg.dataset}: not one of {', '.join(data.DATASETS)} (DATASET= for make)")
+    data.check_flags(cfg)  # a config made in code (the ablations') is checked as a parsed one is
     splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]
-    if not splits or any(s not in ("train", "valid") for s in splits):
-        raise UserError(f"--splits={cfg.splits}: rationales are made for train and/or valid")
-    for key, least in (("k", 0), ("limit", 0), ("retries", 0), ("batch_size", 1), ("concurrency", 1)):
-        if getattr(cfg, key) < least:
-            raise UserError(f"--{key}={getattr(cfg, key)}: must be >= {least}")
     teachers = parse_teachers(cfg.teachers)
+    # every teacher before the first starts: its kind and source, and the cache folder
+    for name, source in teachers:
+        check_teacher(cfg, name, source)
+    data.check_folder(Path(cfg.cache) / cfg.dataset, "--cache")
     # Under torchrun the ranks meet once, at the end, after generating for very different times: gloo's
     # barrier, whose timeout is longer than NCCL's and which needs no GPU communicator.
     rank, world_size, device = data.setup_distributed(cfg.device, backend="gloo")

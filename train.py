@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -42,8 +43,8 @@ import llama
 import prompts
 import t5
 import tinyllm
-from data import (UserError, atomic_write, format_seconds, fsync_path, interrupt_note, load_model, parse_flags,
-                  resolve_model, run_main, setup_distributed)
+from data import (AUTO_BOOL, BOOL, Rule, UserError, above, at_least, atomic_write, flag, format_seconds, fraction,
+                  fsync_path, interrupt_note, load_model, one_of, parse_flags, resolve_model, run_main, setup_distributed)
 
 METHODS = ("tinyllm", "finetune", "kd", "dss", "lora", "inference")
 ANSWER_TASK = "answer"
@@ -52,65 +53,87 @@ ANSWER_TASK = "answer"
 # ---------------------------------------------------------------------------------------------------
 # flags: --key=value, type-checked against a config dataclass; "" means "the default"
 
+def parse_alpha(alpha: str, names: list[str] | None) -> dict[str, float]:
+    """"a=1 b=0.5" -> {a: 1.0, b: 0.5}; teachers not named get weight 1 (Eq. 2's α_m, >= 0). names=None: any
+    teacher name (the syntax and the weights alone)."""
+    weights = {name: 1.0 for name in names or []}
+    for spec in alpha.split():
+        name, sep, value = spec.partition("=")
+        if not sep or not name or (names is not None and name not in weights):
+            raise UserError(f"--alpha: {spec!r} is not name=weight for a teacher in --teachers "
+                            f"({' '.join(names or []) or 'none'}) (ALPHA= for make)")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"--alpha: weight {value!r} of {name} is not a number (ALPHA= for make)") from None
+        if not (math.isfinite(weights[name]) and weights[name] >= 0):
+            raise UserError(f"--alpha: weight {value} of {name} must be >= 0, Eq. 2's α_m (ALPHA= for make)")
+    return weights
+
+
+TEACHERS_RULE = Rule("name[=source] ..., names distinct", lambda value: tinyllm.parse_teachers(value, sources=False)
+                     and None, empty_is_value=True)
+ALPHA_RULE = Rule("name=weight ..., each >= 0", lambda value: parse_alpha(value, None) and None)
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "obqa"  # obqa | arc | piqa | riddle | pubmedqa | bioasq
+    dataset: str = flag("obqa", one_of(*data.DATASETS))  # the benchmark (§4.1)
     student: str = "google/flan-t5-small"  # hub id or folder: T5 (seq2seq) or LLaMA-family (decoder-only)
-    teachers: str = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"  # names pick the cache files; sources must match theirs
-    alpha: str = ""  # "name=weight ..." for Eq. 2; default 1 for every teacher
-    method: str = "tinyllm"  # tinyllm | finetune | kd | dss | lora | inference
+    teachers: str = flag("flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2", TEACHERS_RULE)  # names pick the cache files; sources must match theirs
+    alpha: str = flag("", ALPHA_RULE)  # "name=weight ..." for Eq. 2; default 1 for every teacher
+    method: str = flag("tinyllm", one_of(*METHODS))  # the row of Table 1 to train
     teacher: str = ""  # the one teacher of dss / kd; default the first of --teachers
     data: str = "data"  # the datasets' folder (downloaded and checksummed on first use)
     cache: str = "cache"  # the rationale cache (`make rationales`)
     out: str = ""  # run folder; default out/<dataset>/<method>
-    limit: int = 0  # first N examples of train and valid (0 = all)
-    train_limit: int = 0  # first N training examples only (0 = all); valid stays whole, unlike --limit
-    train_fraction: float = 1.0  # a seeded fraction of train, the paper's Figure 2 (12.5% ... 100%)
+    limit: int = flag(0, at_least(0))  # first N examples of train and valid (0 = all)
+    train_limit: int = flag(0, at_least(0))  # first N training examples only (0 = all); valid stays whole, unlike --limit
+    train_fraction: float = flag(1.0, fraction())  # a seeded fraction of train, the paper's Figure 2 (12.5% ... 100%)
     device: str = "auto"  # auto = cuda when available, else cpu
-    resume: int = 0  # 1: continue from OUT/last (optimizer, scheduler, data order, RNG)
+    resume: int = flag(0, BOOL)  # 1: continue from OUT/last (optimizer, scheduler, data order, RNG)
     # optimisation: the paper's defaults
-    lr: float = 5e-5  # AdamW peak learning rate, decayed linearly to 0
-    batch_size: int = 8  # examples per optimizer step, over all processes and accumulation steps
-    grad_accum: int = 1  # micro-batches per optimizer step (each batch_size / grad_accum examples)
-    epochs: int = 1  # passes over the training set (the paper: 1)
-    warmup_steps: int = 0  # linear warmup steps before the decay
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    clip: float = 1.0  # max gradient norm (0 = no clipping)
+    lr: float = flag(5e-5, above(0))  # AdamW peak learning rate, decayed linearly to 0
+    batch_size: int = flag(8, at_least(1))  # examples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = flag(1, at_least(1))  # micro-batches per optimizer step (each batch_size / grad_accum examples)
+    epochs: int = flag(1, at_least(1))  # passes over the training set (the paper: 1)
+    warmup_steps: int = flag(0, at_least(0))  # linear warmup steps before the decay
+    weight_decay: float = flag(0.0, at_least(0))  # AdamW's decoupled weight decay
+    clip: float = flag(1.0, at_least(0))  # max gradient norm (0 = no clipping)
     seed: int = 0  # data order, dropout, the train_fraction subset
-    max_input_tokens: int = 1024  # longer inputs lose words from the start of the question
-    max_target_tokens: int = 256  # rationale targets are cut to this many tokens
-    bf16: int = 1  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
-    checkpointing: int = 0  # 1: recompute each block in backward (activation checkpointing), for large students
+    max_input_tokens: int = flag(1024, at_least(1))  # longer inputs lose words from the start of the question
+    max_target_tokens: int = flag(256, at_least(1))  # rationale targets are cut to this many tokens
+    bf16: int = flag(1, BOOL)  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
+    checkpointing: int = flag(0, BOOL)  # 1: recompute each block in backward (activation checkpointing), for large students
     # 1: torch.compile the model's forward in the step (compile_objective). Off by default on both devices: on
     # the CPU the bench's step ran 1.8x faster after a 3-minute first step, but a whole run's recompiles (batch
     # shapes change) are not measured yet; on a GPU nothing is measured (README, Performance)
-    compile: int = 0
-    chat: int = -1  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
-    boundary: int = -1  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
-    task_prefix: int = -1  # decoder-only student: 1 = p_A / p_m at the start too (nothing shared), -1 = default (0)
-    lora_rank: int = 8  # --method=lora: rank of the q/v adapters
-    lora_alpha: float = 16.0  # --method=lora: the adapters' scale is lora_alpha / lora_rank
+    compile: int = flag(0, BOOL)
+    chat: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
+    boundary: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
+    task_prefix: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = p_A / p_m at the start too (nothing shared), -1 = default (0)
+    lora_rank: int = flag(8, at_least(1))  # --method=lora: rank of the q/v adapters
+    lora_alpha: float = flag(16.0, above(0))  # --method=lora: the adapters' scale is lora_alpha / lora_rank
     # bookkeeping
-    log_every: int = 10  # a progress line (losses per task, lr, tokens/s, ETA) every N steps
-    eval_every: int = 0  # valid accuracy every N steps (0 = at the end of each epoch)
-    save_every: int = 0  # OUT/last every N steps (0 = at evaluations and at the end)
-    stop_at: int = 0  # stop after this step (the schedule still spans the full run; RESUME=1 continues)
-    eval_batch_size: int = 32  # questions per forward pass in validation
-    max_new_tokens: int = 64  # the longest generated answer in validation, in tokens
+    log_every: int = flag(10, at_least(1))  # a progress line (losses per task, lr, tokens/s, ETA) every N steps
+    eval_every: int = flag(0, at_least(0))  # valid accuracy every N steps (0 = at the end of each epoch)
+    save_every: int = flag(0, at_least(0))  # OUT/last every N steps (0 = at evaluations and at the end)
+    stop_at: int = flag(0, at_least(0))  # stop after this step (the schedule still spans the full run; RESUME=1 continues)
+    eval_batch_size: int = flag(32, at_least(1))  # questions per forward pass in validation
+    max_new_tokens: int = flag(64, at_least(1))  # the longest generated answer in validation, in tokens
+    check_only: int = flag(0, BOOL)  # 1: check the flags, data, rationale cache and run folder, then stop (what `make table` does for every run first)
 
-
-def parse_alpha(alpha: str, names: list[str]) -> dict[str, float]:
-    """"a=1 b=0.5" -> {a: 1.0, b: 0.5}; teachers not named get weight 1 (Eq. 2's α_m)."""
-    weights = {name: 1.0 for name in names}
-    for spec in alpha.split():
-        name, sep, value = spec.partition("=")
-        if not sep or name not in weights:
-            raise UserError(f"--alpha: {spec!r} is not name=weight for a teacher in --teachers ({' '.join(names)})")
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise UserError(f"--alpha: weight {value!r} of {name} is not a number") from None
-    return weights
+    def check(self) -> None:
+        """The flags together, after each one's own rule (data.check_flags calls it)."""
+        names = [name for name, _ in tinyllm.parse_teachers(self.teachers, sources=False)]
+        parse_alpha(self.alpha, names)
+        if self.method == "tinyllm" and not names:
+            raise UserError("--method=tinyllm needs at least one teacher in --teachers (TEACHERS= for make)")
+        teacher = self.teacher or (names[0] if names else "")
+        if self.method in ("dss", "kd") and teacher not in names:
+            raise UserError(f"--teacher={teacher!r} is not one of --teachers ({' '.join(names) or 'none'})")
+        if self.batch_size % self.grad_accum:
+            raise UserError(f"--batch_size={self.batch_size} must be a multiple of --grad_accum={self.grad_accum}")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -1038,11 +1061,12 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.method == "inference":
         log(f"--method=inference trains nothing: `make eval METHOD=inference` evaluates {cfg.student} as is")
         return run
-    check_config(cfg, world)
-    torch.manual_seed(cfg.seed)
-    train_examples, valid_examples = training_examples(cfg)
-    tasks = build_tasks(cfg, train_examples, log)
+    train_examples, valid_examples, tasks = check_run(cfg, world, log)
     saved = resume_state(cfg, run)
+    if cfg.check_only:
+        log(f"{run}: the flags, the data, the rationale cache and the run folder are fine (--check_only=1)")
+        return run
+    torch.manual_seed(cfg.seed)
     student = prepare_student(cfg, run, device, world, saved, log)
     compiled = compile_objective(student) if cfg.compile else None
     rows = encode_rows(student, train_examples, tasks, cfg)
@@ -1085,11 +1109,22 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def check_config(cfg: TrainConfig, world: int) -> None:
-    if cfg.method not in METHODS:
-        raise UserError(f"--method={cfg.method!r}: expected one of {', '.join(METHODS)}")
+    data.check_flags(cfg)  # a config made in code (an experiment's run) is checked as a parsed one is
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of processes x --grad_accum "
                         f"= {world} x {cfg.grad_accum}")
+
+
+def check_run(cfg: TrainConfig, world: int = 1, log=lambda *args, **kwargs: None
+              ) -> tuple[list[data.Example], list[data.Example], list[Task]]:
+    """Everything a run reads or writes, before it starts: the flags together, the run folder (creatable), the
+    data (downloaded if need be) and the rationale cache of every teacher it learns from. Returns (train, valid,
+    tasks): what the run then trains on."""
+    check_config(cfg, world)
+    data.check_folder(run_folder(cfg), "--out")
+    data.check_model_source(cfg.student, "--student")
+    train_examples, valid_examples = training_examples(cfg)
+    return train_examples, valid_examples, build_tasks(cfg, train_examples, log)
 
 
 def training_examples(cfg: TrainConfig) -> tuple[list[data.Example], list[data.Example]]:
@@ -1110,8 +1145,13 @@ def resume_state(cfg: TrainConfig, run: Path) -> dict | None:
     path = run / "last" / "trainer_state.pt"
     if not path.exists():
         raise UserError(f"--resume=1 but {path} does not exist: nothing to resume (RESUME=0 starts over)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    check_resumable(cfg, saved["config"])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved_config = saved["config"]
+    except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:  # a truncated zip, another file
+        raise UserError(f"{path}: cannot be read, truncated or not a trainer state ({type(e).__name__}: "
+                        f"{str(e)[:200]}); delete {run / 'last'} and start over with RESUME=0") from e
+    check_resumable(cfg, saved_config)
     return saved
 
 

@@ -84,6 +84,12 @@ def world(tmp_path_factory, assets, tiny_t5, tiny_llama):
         (folder / drop).unlink()
         return folder
 
+    def damaged(name: str, source: Path, file: str, damage: Callable[[bytes], bytes]) -> Path:
+        folder = shutil.copytree(source, root / name)
+        path = folder / file  # a file the copy lacks is added, damaged
+        path.write_bytes(damage(path.read_bytes() if path.exists() else b""))
+        return folder
+
     wrong_architecture = copy("t5-config-llama-weights", drop="model.safetensors")
     shutil.copy(tiny_llama / "model.safetensors", wrong_architecture / "model.safetensors")
     models = dict(
@@ -98,6 +104,11 @@ def world(tmp_path_factory, assets, tiny_t5, tiny_llama):
         no_weights_t5=copy("no-weights-t5", drop="model.safetensors"),
         no_tokenizer_t5=copy("no-tokenizer-t5", drop="spiece.model"),
         wrong_architecture=wrong_architecture,
+        truncated_t5=damaged("truncated-t5", tiny_t5, "model.safetensors", lambda b: b[:len(b) // 2]),
+        config_not_json_t5=damaged("config-not-json-t5", tiny_t5, "config.json", lambda b: b[:len(b) // 2]),
+        spiece_damaged_t5=damaged("spiece-damaged-t5", tiny_t5, "spiece.model", lambda b: b"not a model" * 10),
+        tokenizer_json_damaged_llama=damaged("tokenizer-json-damaged-llama", tiny_llama, "tokenizer.json",
+                                             lambda _: b'{"version": "1.0", "model": {'),
     )
     server = start_server(release)  # GET: the release files (and 404 for anything else); POST: the hooks
     server.hooks.update({
@@ -158,6 +169,18 @@ def full_disk(world, case: SimpleNamespace) -> None:
     empty_data(world, case)
     (case.data / "obqa").mkdir(parents=True)
     (case.data / "obqa" / "obqa_train.json.part").symlink_to("/dev/full")
+
+
+def a_file_in_the_way(world, case: SimpleNamespace) -> None:
+    """scratch/file is a regular file: OUT, DATA or CACHE under it cannot be created."""
+    (case.scratch / "file").write_text("not a folder\n")
+
+
+def damaged_trainer_state(world, case: SimpleNamespace) -> None:
+    """OUT/obqa/run/last/trainer_state.pt cut short, as a full disk or a kill in an old version could leave it."""
+    last = case.out / "obqa" / "run" / "last"
+    last.mkdir(parents=True)
+    (last / "trainer_state.pt").write_bytes(b"PK\x03\x04 cut short")
 
 
 def cache_of(teacher: str, first: int = 0, **options) -> Callable:
@@ -262,6 +285,66 @@ CASES = [
          prepare=cache_of("t", first=100)),
     Case("train-nan-loss", TRAIN + " --method=finetune --student={nan_t5}",
          (r"non-finite loss at step 1 in task answer", r"--lr")),
+    # issue 19, 1: every value checked, by the one flag parser, against the rule declared next to its field
+    Case("train-batch-size-zero", TRAIN + " --method=finetune --batch_size=0", (r"--batch_size=0: must be >= 1$",)),
+    Case("train-lr-negative", TRAIN + " --method=finetune --lr=-1", (r"--lr=-1: must be > 0$",)),
+    Case("train-epochs-zero", TRAIN + " --method=finetune --epochs=0", (r"--epochs=0: must be >= 1$",)),
+    Case("train-fraction-above-one", TRAIN + " --method=finetune --train_fraction=1.5",
+         (r"--train_fraction=1\.5: must be in \(0, 1\]$",)),
+    Case("make-alpha-negative", "make --no-print-directory train METHOD=tinyllm TEACHERS=t=release:llama-2 ALPHA=t=-1 "
+         "DATA={data} CACHE={cache} OUT={out} DEVICE=cpu LIMIT=4 STUDENT={t5}",
+         (r"--alpha: weight -1 of t must be >= 0", r"ALPHA= for make"), prepare=cache_of("t")),
+    Case("make-rationales-no-teacher", 'make --no-print-directory rationales TEACHERS="" DATA={data} CACHE={cache} '
+         "DEVICE=cpu LIMIT=2", (r"--teachers: no teacher given",)),
+    Case("rationales-teacher-twice", RATIONALES + ' --teachers="a=release:llama-2 a=release:flan-t5-xl"',
+         (r"--teachers: teacher name 'a' given twice",)),
+    Case("rationales-top-p-zero", RATIONALES + " --top_p=0", (r"--top_p=0: must be in \(0, 1\]",)),
+    Case("eval-scoring-unknown", EVAL + " --model={t5} --scoring=best",
+         (r"--scoring='best': expected generate or rank",)),
+    Case("eval-split-unknown", EVAL + " --model={t5} --splits=dev", (r"--splits=dev: 'dev' is not one of train, valid, test",)),
+    Case("experiment-seeds-not-integers", "eval.py sweep --seeds='0 x' --out={out}",
+         (r"--seeds='0 x': expected integers", r"SEEDS= for make")),
+    # issue 19, 2: a command that runs several things checks every one of them before the first starts
+    Case("make-table-bad-seed-after-a-good-one", 'make --no-print-directory table SEEDS="0 x" TEACHERS=t=release:llama-2 '
+         "DATA={data} CACHE={cache} OUT={out} DEVICE=cpu LIMIT=4 STUDENT={t5}",
+         (r"--seed=x: expected int \(SEED= for make\)",), prepare=cache_of("t")),
+    Case("rationales-second-teacher-unknown", RATIONALES + ' --teachers="t=release:llama-2 u=release:gpt-4"',
+         (r"--teachers: u=release:gpt-4: teacher source release:gpt-4: the release has flan-t5-xl, llama-2",)),
+    Case("rationales-second-teacher-truncated", RATIONALES + ' --teachers="t=release:llama-2 u={truncated_t5}"',
+         (r"--teachers: u=.*truncated-t5: .*truncated-t5/model\.safetensors: truncated or not a safetensors file",)),
+    Case("fractions-cache-of-a-later-row-missing", "eval.py fractions --teachers=t=release:llama-2 --methods='finetune "
+         "tinyllm' --fractions=1 --data={data} --cache={cache} --out={out} --limit=4 --device=cpu --student={t5}",
+         (r"no train rationales of teacher 't' in .*cache/obqa/t\.jsonl: run `make rationales`",)),
+    Case("study-data-of-a-later-dataset-missing", "eval.py study --datasets='obqa arc' --methods='finetune lora' "
+         "--teachers=t=release:llama-2 --data={data} --cache={cache} --out={out} --limit=4 --device=cpu --student={t5}",
+         (r"arc/arc_\w+\.json: HTTP 404 from http://127\.0\.0\.1:\d+/missing/arc/arc_\w+\.json",),
+         env={"TINYLLM_DATA_URL": "{url}/missing"}),
+    # issue 19, 3: operating-system and file-format failures named in one line
+    Case("make-out-under-a-file", "make --no-print-directory train METHOD=finetune DATA={data} CACHE={cache} "
+         "OUT={scratch}/file/out DEVICE=cpu LIMIT=4 STUDENT={t5}",
+         (r"--out=.*scratch/file/out/obqa/finetune: .*scratch/file is a file, not a folder", r"OUT= for make"),
+         prepare=a_file_in_the_way),
+    Case("data-under-a-file", RATIONALES + " --teachers=t=release:llama-2 --data={scratch}/file/data",
+         (r"cannot create the folder .*scratch/file/data: Not a directory \(.*scratch/file is a file, not a folder\)",),
+         prepare=a_file_in_the_way),
+    Case("model-truncated-safetensors", EVAL + " --model={truncated_t5}",
+         (r"truncated-t5/model\.safetensors: truncated or not a safetensors file \(the header places \d+ bytes of "
+          r"tensor data, the file holds \d+\)",)),
+    Case("student-truncated-safetensors", TRAIN + " --method=finetune --student={truncated_t5}",
+         (r"truncated-t5/model\.safetensors: truncated or not a safetensors file",)),
+    Case("model-config-not-json", EVAL + " --model={config_not_json_t5}",
+         (r"config-not-json-t5/config\.json: not JSON \(.*truncated or damaged\)",)),
+    Case("tokenizer-json-not-json", EVAL + " --model={tokenizer_json_damaged_llama}",
+         (r"tokenizer-json-damaged-llama/tokenizer\.json: not JSON \(.*truncated or damaged\)",)),
+    Case("tokenizer-damaged", EVAL + " --model={spiece_damaged_t5}",
+         (r"a tokenizer file cannot be parsed, truncated or damaged .*spiece-damaged-t5/spiece\.model",)),
+    Case("resume-state-damaged", TRAIN + " --method=finetune --resume=1",
+         (r"out/obqa/run/last/trainer_state\.pt: cannot be read, truncated or not a trainer state", r"RESUME=0"),
+         prepare=damaged_trainer_state),
+    Case("download-no-network", RATIONALES + " --teachers=t=release:llama-2", (
+        r"obqa/obqa_train\.json: download from http://127\.0\.0\.1:9/obqa/obqa_train\.json failed: ConnectionError",
+        r"with no network, point TINYLLM_DATA_URL at a local copy"), prepare=empty_data,
+         env={"TINYLLM_DATA_URL": "http://127.0.0.1:9"}),
     # eval
     Case("table-no-results", "eval.py table --out={out}", (r"no results in .*out/obqa/\*/results\.json",)),
 ]
@@ -331,6 +414,27 @@ def test_the_table_covers_the_issue():
                  "server-unknown-model", "train-nan", "within-limit", "no-rationales", "eval-wrong-architecture",
                  "out-of-memory", "disk-full", "make-"):
         assert any(kind in name for name in names), kind
+    # issue 19: bad values (batch size, lr, α, epochs, fractions, seeds, scorings, splits, teachers), a mistake in a
+    # later run of a command that runs several, and files: truncated, not JSON, a missing key, a file in the way
+    for kind in ("batch-size-zero", "lr-negative", "alpha-negative", "epochs-zero", "fraction-above-one",
+                 "seeds-not-integers", "scoring-unknown", "split-unknown", "no-teacher", "teacher-twice",
+                 "table-bad-seed-after", "second-teacher", "later-row", "later-dataset", "out-under-a-file",
+                 "truncated-safetensors", "config-not-json", "tokenizer-json-not-json", "tokenizer-damaged",
+                 "resume-state-damaged", "no-network"):
+        assert any(kind in name for name in names), kind
+
+
+def test_help_shows_each_flags_rule(capsys):
+    """The rule declared next to a field is what --help shows (and what the parser checks)."""
+    import train
+
+    with pytest.raises(SystemExit):
+        data.parse_flags(train.TrainConfig, ["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for flag, rule in (("--batch_size=8", "[>= 1]"), ("--lr=5e-05", "[> 0]"), ("--train_fraction=1.0", "[in (0, 1]]"),
+                       ("--alpha=", "[name=weight ..., each >= 0]"), ("--method=tinyllm", "[one of tinyllm, finetune")):
+        line = next(line for line in lines if line.startswith(f"  {flag}"))
+        assert rule in line, line
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

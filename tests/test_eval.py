@@ -199,7 +199,9 @@ def test_make_table_runs_each_trained_row_once_per_seed():
         for seed in (0, 1):
             assert f"--out=out/obqa/{run}/seed{seed} " in seeded and f"--model=out/obqa/{run}/seed{seed}/best" in seeded
     assert "--seed=0 " in seeded and "--seed=1 " in seeded
-    assert seeded.count("--method=inference") == 1 and "--out=out/obqa/inference " in seeded
+    # twice: the first pass checks every run (--check_only=1), the second runs it
+    assert seeded.count("--method=inference") == 2 and "--out=out/obqa/inference " in seeded
+    assert seeded.count("--check_only=1") == seeded.count("--check_only= ") > 0
     plain = dry_run()
     assert "--out=out/obqa/tinyllm " in plain and "seed0" not in plain
 
