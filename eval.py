@@ -898,6 +898,7 @@ def study(cfg: StudyConfig) -> dict:
             runs.append(plans)
     if cfg.train:
         run_plans([plans[k] for k in range(len(runs[0])) for plans in runs])  # seed-major order
+    root.mkdir(parents=True, exist_ok=True)  # --train=0 before any run: the empty table still gets written
     summary = dict(datasets=study_datasets(cfg), methods=[run for run, _, _ in methods], metric=cfg.metric,
                    seeds=[s for s in parse_seeds(cfg.seeds) if s is not None], resamples=cfg.resamples,
                    command=command_line("study", cfg), rows=rows)

@@ -637,22 +637,18 @@ class Compiled:
         return f"{self.graphs} graph(s) compiled in {self.seconds:.1f} s"
 
 
-DECODE_WIDTH_MULTIPLE = 64  # a compiled step reads the cache in widths of this many slots: a few shapes
-
-
 class Slots:
     """Continuous batching (as Orca and vLLM schedule it): `rows` cache rows, each holding one sequence at its
     own length, so that a row whose sequence has ended takes the next prompt (admit) while the others go on.
     Every row feeds its pending token (its prompt's last token, then each token sampled for it) at its own
     position in one shared step. tinyllm.continuous_generate is the scheduler."""
 
-    def __init__(self, model: Llama, rows: int, max_len: int, device: torch.device, compile: bool = False):
+    def __init__(self, model: Llama, rows: int, max_len: int, device: torch.device):
         cfg = model.config
         self.model, self.device, self.max_len = model, device, max_len
-        # compile: the one-token step compiled (gpt-fast), over cache widths rounded up to DECODE_WIDTH_MULTIPLE;
-        # on CUDA replayed as CUDA graphs (reduce-overhead): a step is many small kernels launched from the host
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        self.forward = Compiled(self.logits, mode) if compile else self.logits
+        # the one-token step: tinyllm.compile_slots swaps in a compiled one and reads the cache in widths of
+        # width_multiple slots (a few shapes to compile); eager, each step reads exactly the longest row's prefix
+        self.forward, self.width_multiple = self.logits, 1
         self.dtype = model.kv_dtype(device)
         self.caches = [KVCache(rows, cfg.num_key_value_heads, max_len, cfg.head_dim, self.dtype, device)
                        for _ in range(cfg.num_hidden_layers)]
@@ -699,9 +695,8 @@ class Slots:
         """Each row's pending token at position = its length, written at that slot; attention reads slots
         0..length of its own row. Next-token logits (rows, vocab)."""
         position = torch.tensor(self.lengths, device=self.device)  # (rows,)
-        width = max(self.lengths) + 1
-        if isinstance(self.forward, Compiled):  # masked slots past each row's length read as nothing
-            width = min(-(-width // DECODE_WIDTH_MULTIPLE) * DECODE_WIDTH_MULTIPLE, self.max_len)
+        # masked slots past each row's length read as nothing, so a rounded-up width changes no output
+        width = min(-(-(max(self.lengths) + 1) // self.width_multiple) * self.width_multiple, self.max_len)
         slots = torch.arange(width, device=self.device)
         mask = (slots[None, :] <= position[:, None])[:, None, None, :]  # (rows, 1, 1, width)
         logits = self.forward(self.pending, position, mask)

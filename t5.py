@@ -611,6 +611,10 @@ class Slots:
                                   (model.decoder.relative_attention.position_bias(steps, steps).float()
                                    + causal_bias(steps, torch.float32, device)).to(dtype), None)
         self.source_valid = torch.zeros(rows, max_source, dtype=torch.bool, device=device)
+        self.steps = steps
+        # the one-token step: tinyllm.compile_slots swaps in a compiled one and reads the self-attention cache in
+        # widths of width_multiple slots (a few shapes to compile); eager, each step reads the longest row's prefix
+        self.forward, self.width_multiple = self.logits, 1
         self.positions = [0] * rows  # decoder tokens so far per row (host)
         self.live = [False] * rows
         self.pending = torch.zeros(rows, dtype=torch.long, device=device)
@@ -645,13 +649,21 @@ class Slots:
     def step(self) -> Tensor:
         """Each row's pending token at its own decoder position: next-token logits (rows, vocab)."""
         position = torch.tensor(self.positions, device=self.device)
-        length = max(self.positions) + 1
+        # slots past a row's position are masked by the causal part of self_bias, so a rounded-up length
+        # changes no output
+        length = min(-(-(max(self.positions) + 1) // self.width_multiple) * self.width_multiple, self.steps)
         self.cache.cross_bias = padding_bias(self.source_valid, self.dtype)  # (rows, 1, 1, max_source)
         self_bias = self.cache.self_bias[0][:, position, :length].transpose(0, 1)[:, :, None]  # (rows, H, 1, length)
-        x = self.model.shared(self.pending[:, None])
+        logits = self.forward(self.pending, position, self_bias)
+        self.positions = [n + live for n, live in zip(self.positions, self.live)]
+        return logits
+
+    def logits(self, tokens: Tensor, position: Tensor, self_bias: Tensor) -> Tensor:
+        """tokens (rows,) at decoder positions (rows,), their K/V written at those slots, reading the slots
+        self_bias (rows, H, 1, length) covers -> next-token logits (rows, vocab)."""
+        x = self.model.shared(tokens[:, None])
         for i, block in enumerate(self.model.decoder.block):
             x = block.forward_step(x, position, self_bias, self.cache, i)
-        self.positions = [n + live for n, live in zip(self.positions, self.live)]
         return self.model.lm_logits(self.model.decoder.final_layer_norm(x))[:, 0]
 
     def feed(self, tokens: Tensor) -> None:

@@ -232,14 +232,13 @@ class LocalTeacher:
         rows, device = min(cfg.batch_size, len(fits)), torch.device(self.device)
         prompts_ = [encoded[i] for i in fits]
         if self.kind == "t5":
-            if cfg.compile:
-                raise UserError("--compile=1: only a LLaMA-family local teacher's decode step compiles (T5's does not yet)")
             slots = t5.Slots(self.model, rows, cfg.max_new_tokens, max(len(p) for p in prompts_), device)
             eos_ids = {self.tokenizer.eos_id}
         else:
-            slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device,
-                                compile=bool(cfg.compile))
+            slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device)
             eos_ids = set(self.tokenizer.eos_ids)
+        if cfg.compile:
+            compile_slots(slots)
         model_file = t5 if self.kind == "t5" else llama
         sample = lambda logits: model_file.sample(logits, cfg.temperature, cfg.top_p, self.generator)  # noqa: E731
         for j, ids in continuous_generate(slots, prompts_, [cfg.max_new_tokens] * len(prompts_), eos_ids, sample):
@@ -247,6 +246,20 @@ class LocalTeacher:
             yield fits[j], self.tokenizer.decode(ids)
         if cfg.compile:
             print(f"--compile=1: {slots.forward.summary()}", flush=True)
+
+
+DECODE_WIDTH_MULTIPLE = 64  # a compiled decode step reads the cache in widths of this many slots: a few shapes
+
+
+def compile_slots(slots: llama.Slots | t5.Slots) -> llama.Compiled:
+    """--compile=1: a local teacher's one-token decode step through torch.compile, as gpt-fast compiles its
+    decode step (prefill stays eager), reading the cache in widths rounded up to DECODE_WIDTH_MULTIPLE so a
+    run compiles a few shapes; on CUDA replayed as CUDA graphs (reduce-overhead): a step is many small kernels
+    launched from the host."""
+    mode = "reduce-overhead" if slots.device.type == "cuda" else None
+    slots.forward = compiled = llama.Compiled(slots.logits, mode)
+    slots.width_multiple = DECODE_WIDTH_MULTIPLE
+    return compiled
 
 
 def continuous_generate(slots, prompts_: list[list[int]], limits: list[int], eos_ids: set[int],
@@ -496,7 +509,7 @@ class RationalesConfig:
     temperature: float = flag(0.0, at_least(0))  # 0 = greedy
     top_p: float = flag(1.0, fraction())  # nucleus sampling when temperature > 0
     batch_size: int = flag(8, at_least(1))  # prompts per forward pass of a local teacher
-    compile: int = flag(0, BOOL)  # 1: a LLaMA-family local teacher's one-token decode step through torch.compile (off: see README)
+    compile: int = flag(0, BOOL)  # 1: a local teacher's one-token decode step through torch.compile (off: see README)
     concurrency: int = flag(8, at_least(1))  # requests in flight to a server teacher
     timeout: float = flag(120.0, above(0))  # seconds per server request
     retries: int = flag(5, at_least(0))  # further attempts on connection errors, timeouts, 429, 5xx, non-OpenAI answers

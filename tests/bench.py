@@ -650,8 +650,9 @@ def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_
     outputs: dict = {}
 
     def ours_generate(n: int = n_prompts) -> None:
-        slots = llama.Slots(ours, min(rows, n), max(len(p) + k for p, k in zip(prompt_ids, limits)), device,
-                            compile=compile)
+        slots = llama.Slots(ours, min(rows, n), max(len(p) + k for p, k in zip(prompt_ids, limits)), device)
+        if compile:
+            tinyllm.compile_slots(slots)
         with torch.inference_mode():
             outputs["ours"] = dict(tinyllm.continuous_generate(
                 slots, prompt_ids[:n], limits[:n], set(), lambda logits: logits.argmax(-1)))

@@ -50,19 +50,31 @@ def test_compiled_t5_step_equals_eager(device):
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["llama", "t5"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_decode_step_equals_eager(device):
-    """Continuous batching with the compiled one-token step (cache widths rounded up to 64 slots): the same
-    greedy tokens and logits as the eager step that reads each row's exact prefix."""
+def test_compiled_decode_step_equals_eager(device, kind):
+    """Continuous batching with the compiled one-token step (tinyllm.compile_slots: cache widths rounded up to
+    64 slots): the same greedy tokens and logits as the eager step that reads each row's exact prefix; a
+    second Slots of the same shapes (a new `make rationales` call) compiles nothing new."""
     torch.manual_seed(0)
-    config = llama.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = llama.Llama(config).to(device).eval()
+    if kind == "llama":
+        config = llama.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = llama.Llama(config).to(device).eval()
+    else:
+        config = t5.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                             feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        model = t5.T5(config).to(device).eval()
     prompts = [[int(x) for x in torch.randint(3, 96, (n,))] for n in (9, 14, 5)]
     limits = [6, 6, 6]  # all rows end together: no row is dropped, so one shape
 
-    def run(compile: bool) -> tuple[dict, list[torch.Tensor], llama.Slots]:
-        slots = llama.Slots(model, 3, 32, torch.device(device), compile=compile)
+    def run(compile: bool) -> tuple[dict, list[torch.Tensor], llama.Compiled | None]:
+        # room for 80 tokens: the compiled step reads 64 slots where the eager one reads a few
+        if kind == "llama":
+            slots = llama.Slots(model, 3, 96, torch.device(device))
+        else:
+            slots = t5.Slots(model, 3, 80, max(len(p) for p in prompts), torch.device(device))
+        compiled = tinyllm.compile_slots(slots) if compile else None
         seen = []
 
         def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -70,11 +82,13 @@ def test_compiled_decode_step_equals_eager(device):
             return logits.argmax(-1)
 
         with torch.inference_mode():
-            return dict(tinyllm.continuous_generate(slots, prompts, limits, set(), greedy)), seen, slots
+            return dict(tinyllm.continuous_generate(slots, prompts, limits, set(), greedy)), seen, compiled
 
     eager, eager_logits, _ = run(False)
-    compiled, compiled_logits, slots = run(True)
-    assert slots.forward.graphs >= 1
+    compiled, compiled_logits, first = run(True)
+    assert first.graphs >= 1
     assert compiled == eager
     for a, b in zip(compiled_logits, eager_logits):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    again, _, second = run(True)
+    assert again == eager and second.graphs == 0

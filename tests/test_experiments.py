@@ -430,6 +430,16 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     check_figure(root / "study.png", "study", printed)
 
 
+def test_study_before_any_run_writes_the_empty_table(tmp_path, no_training, capsys):
+    """--train=0 on an out folder no run has written yet: the table of what is missing, not a write error."""
+    cfg = evaluation.StudyConfig(datasets="obqa arc", seeds="0 1", out=str(tmp_path / "fresh"), train=0, resamples=10)
+    summary = evaluation.study(cfg)
+    assert summary["analysis"]["pooled"] is None
+    assert "not finished yet (the same command continues): obqa/finetune, obqa/tinyllm, arc/finetune, arc/tinyllm" \
+        in capsys.readouterr().out
+    assert json.loads((tmp_path / "fresh" / "study" / "study.json").read_text())["rows"]
+
+
 @pytest.fixture(scope="session")
 def two_datasets(workspace) -> dict[str, Path]:
     """The workspace with ARC beside OBQA: its release and the released rationales of 4 training examples."""
