@@ -308,14 +308,17 @@ def train_flops(config: dict, ours: t5.T5, batch: int, input_len: int, target_le
 
 
 def train_case(name: str, config: dict, batch: int, input_len: int, target_len: int, reps: int,
-               device: torch.device, bf16: bool) -> Case:
+               device: torch.device, bf16: bool, compile: bool = False) -> Case:
+    """One optimizer step on a random batch of fixed shape; compile: our model's forward through torch.compile
+    (the compiled MFU of `make gpu-check`), transformers eager."""
     torch.manual_seed(0)
     theirs = transformers_t5(config, device).train()
-    ours = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config)).to(device)).train()
+    model = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config)).to(device)).train()
+    ours = torch.compile(model) if compile else model
     generator = torch.Generator().manual_seed(0)
     input_ids, mask, decoder_input_ids, labels = t5_batch(config, batch, input_len, target_len, device, generator)
     fused = True  # one-pass AdamW kernel, on CPU too (torch >= 2.4); both sides run the same optimizer
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5, fused=fused)
+    opt_ours = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5, fused=fused)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
 
@@ -334,10 +337,11 @@ def train_case(name: str, config: dict, batch: int, input_len: int, target_len: 
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
 
-    return Case(name, "tokens/s", batch * (input_len + target_len), step_ours, step_theirs, reps,
+    case = Case(name, "tokens/s", batch * (input_len + target_len), step_ours, step_theirs, reps,
                 baseline=f"transformers T5ForConditionalGeneration ({theirs.config._attn_implementation})",
                 shapes=dict(batch=batch, input=input_len, target=target_len),
-                flops=train_flops(config, ours, batch, input_len, target_len))
+                flops=train_flops(config, model, batch, input_len, target_len))
+    return compiled_case(case, step_theirs) if compile else case
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -785,8 +789,9 @@ def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
 
     if cuda:  # the paper's largest student at its 1024 input tokens: the MFU of training on a GPU
         name = "train flan-t5-large b8 in1024 tgt64"
-        plan.append(Plan(name, lambda name=name: train_case(name, FLAN_T5_LARGE, 8, 1024, 64, reps(10, 1), device,
-                                                            bf16)))
+        for compile in (False, True):  # compiled: the MFU torch.compile reaches (gpt-fast, nanoT5 compile theirs)
+            plan.append(Plan(name + " --compile" * compile, lambda name=name, compile=compile: train_case(
+                name, FLAN_T5_LARGE, 8, 1024, 64, reps(10, 1), device, bf16, compile)))
 
     # 2. generation: (cuda reps, cpu reps) per batch; CPU batch 32 is the expensive one
     cpu_reps = {1: 3, 8: 2, 32: 1, 4: 1}
