@@ -106,8 +106,8 @@ class TrainConfig:
     bf16: int = flag(1, BOOL)  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
     checkpointing: int = flag(0, BOOL)  # 1: recompute each block in backward (activation checkpointing), for large students
     # 1: torch.compile the model's forward in the step (compile_objective). Off by default on both devices: on
-    # the CPU the bench's step ran 1.8x faster after a 3-minute first step, but a whole run's recompiles (batch
-    # shapes change) are not measured yet; on a GPU nothing is measured (README, Performance)
+    # the CPU the full bench's compiled step gained 9% (T5) and nothing (SmolLM2) after a 1.5-2 minute first
+    # step; on a GPU nothing is measured yet (README, Performance)
     compile: int = flag(0, BOOL)
     chat: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
