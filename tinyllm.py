@@ -237,15 +237,14 @@ class LocalTeacher:
         else:
             slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device)
             eos_ids = set(self.tokenizer.eos_ids)
-        if cfg.compile:
-            compile_slots(slots)
+        compiled = compile_slots(slots) if cfg.compile else None
         model_file = t5 if self.kind == "t5" else llama
         sample = lambda logits: model_file.sample(logits, cfg.temperature, cfg.top_p, self.generator)  # noqa: E731
         for j, ids in continuous_generate(slots, prompts_, [cfg.max_new_tokens] * len(prompts_), eos_ids, sample):
             self.tokens += len(ids)
             yield fits[j], self.tokenizer.decode(ids)
-        if cfg.compile:
-            print(f"--compile=1: {slots.forward.summary()}", flush=True)
+        if compiled is not None:
+            print(f"--compile=1: {compiled.summary()}", flush=True)
 
 
 DECODE_WIDTH_MULTIPLE = 64  # a compiled decode step reads the cache in widths of this many slots: a few shapes
