@@ -984,8 +984,9 @@ def write_study(root: Path, summary: dict) -> dict:
         lines.append(f"| **pooled** |" + " | " * (2 * len(methods) - 1) +
                      f" | **{pooled['diff']:+.2f}** | [{pooled['low']:+.2f}, {pooled['high']:+.2f}] | "
                      f"{pooled['p']:.3g} | | {pooled['n']} | |")
-    missing = [f"{row['dataset']}/{row['run']}" for row in summary["rows"]
-               if row["runs"] < max(len(summary["seeds"]), 1)]
+    seed_folders = [f"seed{seed}" for seed in summary["seeds"]] or [""]  # "": a run without seeds is its row's folder
+    missing = [f"{row['dataset']}/{row['run']}" + (f"/{name}" if name else "") for row in summary["rows"]
+               for name in seed_folders if not (Path(row["folder"]) / name / "results.json").is_file()]
     if missing:
         lines += ["", f"not finished yet (the same command continues): {', '.join(missing)}"]
     return write_summary(root, "study", summary, lines)

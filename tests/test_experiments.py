@@ -423,7 +423,8 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     assert row["runs"] == 3 and row["test"] == pytest.approx(statistics.fmean([0.5, 0.75, 0.0]))
     printed = capsys.readouterr().out
     assert "| **pooled** |" in printed  # seed 2 asked for: every row but arc's fine-tuning lacks it
-    assert "not finished yet (the same command continues): obqa/finetune, obqa/tinyllm, arc/tinyllm" in printed
+    assert ("not finished yet (the same command continues): obqa/finetune/seed2, obqa/tinyllm/seed2, arc/tinyllm/seed2"
+            in printed)
     assert "TinyLLM − Fine-tune" in printed and "pooled over 10 test questions of 2 datasets" in printed
     saved = json.loads((root / "study.json").read_text())
     assert saved["analysis"]["pooled"]["diff"] == pytest.approx(pooled["diff"])
@@ -435,7 +436,9 @@ def test_study_before_any_run_writes_the_empty_table(tmp_path, no_training, caps
     cfg = evaluation.StudyConfig(datasets="obqa arc", seeds="0 1", out=str(tmp_path / "fresh"), train=0, resamples=10)
     summary = evaluation.study(cfg)
     assert summary["analysis"]["pooled"] is None
-    assert "not finished yet (the same command continues): obqa/finetune, obqa/tinyllm, arc/finetune, arc/tinyllm" \
+    assert ("not finished yet (the same command continues): obqa/finetune/seed0, obqa/finetune/seed1, "
+            "obqa/tinyllm/seed0, obqa/tinyllm/seed1, arc/finetune/seed0, arc/finetune/seed1, arc/tinyllm/seed0, "
+            "arc/tinyllm/seed1") \
         in capsys.readouterr().out
     assert json.loads((tmp_path / "fresh" / "study" / "study.json").read_text())["rows"]
 
