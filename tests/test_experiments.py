@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
+import shutil
 import statistics
 import struct
 import subprocess
@@ -441,6 +443,26 @@ def test_study_before_any_run_writes_the_empty_table(tmp_path, no_training, caps
             "arc/tinyllm/seed1") \
         in capsys.readouterr().out
     assert json.loads((tmp_path / "fresh" / "study" / "study.json").read_text())["rows"]
+
+
+def test_the_committed_study_rebuilds_its_table_and_the_readme_quotes_its_verdict(tmp_path, no_training, monkeypatch):
+    """results/study/ as committed: the command written into its study.json (nothing is trained: --train=0)
+    rebuilds study.md and study.json exactly from the runs' predictions, and the README's Results section
+    quotes the pooled verdict sentence of that table, so neither can drift from the runs."""
+    committed = REPO / "results" / "study"
+    shutil.copytree(committed, tmp_path / "results" / "study",
+                    ignore=shutil.ignore_patterns("study.md", "study.json", "study.png"))
+    summary = json.loads((committed / "study.json").read_text())
+    command = shlex.split(summary["command"])
+    assert command[:3] == ["python", "eval.py", "study"] and "--out=results" in command and "--train=0" in command
+    monkeypatch.chdir(tmp_path)
+    evaluation.main(command[2:])
+    rebuilt = tmp_path / "results" / "study"
+    assert (rebuilt / "study.md").read_text() == (committed / "study.md").read_text()
+    assert json.loads((rebuilt / "study.json").read_text()) == summary
+    assert (rebuilt / "study.png").is_file() == HAS_MATPLOTLIB
+    verdict = (committed / "study.md").read_text().splitlines()[2]
+    assert verdict.startswith("**") and " ".join(verdict.split()) in " ".join((REPO / "README.md").read_text().split())
 
 
 @pytest.fixture(scope="session")
