@@ -951,6 +951,7 @@ def write_study(root: Path, summary: dict) -> dict:
                        test=run.score(metric, "test"), test_std=run.spread(metric, "test"), seconds=run.seconds(),
                        runs=len(run.seed_runs) or 1)
         cells[row["dataset"], row["run"]] = row
+    per_seed: dict[str, dict[str, float]] = {}  # seed -> dataset -> that seed's own difference in points
     for dataset in summary["datasets"]:
         a = question_scores(Path(cells[dataset, first]["folder"]), metric)
         b = question_scores(Path(cells[dataset, last]["folder"]), metric)
@@ -958,8 +959,14 @@ def write_study(root: Path, summary: dict) -> dict:
         if diff is not None:
             strata[dataset] = diff
             seeds_used[dataset] = len(a.keys() & b.keys())
+            for seed in sorted(a.keys() & b.keys()):
+                per_seed.setdefault(seed, {})[dataset] = 100 * float(np.mean(list(b[seed].values())) -
+                                                                      np.mean(list(a[seed].values())))
+    for seed, diffs in per_seed.items():  # pooled like the analysis: every question weighs the same
+        if diffs.keys() == strata.keys():
+            diffs["pooled"] = sum(diffs[d] * len(strata[d]) for d in strata) / sum(map(len, strata.values()))
     analysis = study_analysis(strata, summary["resamples"])
-    summary.update(analysis=analysis, seeds_used=seeds_used)
+    summary.update(analysis=analysis, seeds_used=seeds_used, per_seed=per_seed)
     label = {run: row_label(run, cells[summary["datasets"][0], run]["method"]) for run in methods}
     comparison = f"{label[last]} − {label[first]}"
     lines = [f"study: {comparison} on test, {metric} in points; per question the mean over seeds; 95% interval: "
@@ -984,6 +991,10 @@ def write_study(root: Path, summary: dict) -> dict:
         lines.append(f"| **pooled** |" + " | " * (2 * len(methods) - 1) +
                      f" | **{pooled['diff']:+.2f}** | [{pooled['low']:+.2f}, {pooled['high']:+.2f}] | "
                      f"{pooled['p']:.3g} | | {pooled['n']} | |")
+    if len(per_seed) > 1:  # the interval resamples the questions of these runs; training seeds vary too
+        lines += ["", "per seed, each seed's own runs (Δ test, points): " + "; ".join(
+            f"{seed}: " + ", ".join(f"{name} {value:+.2f}" for name, value in diffs.items())
+            for seed, diffs in per_seed.items())]
     seed_folders = [f"seed{seed}" for seed in summary["seeds"]] or [""]  # "": a run without seeds is its row's folder
     missing = [f"{row['dataset']}/{row['run']}" + (f"/{name}" if name else "") for row in summary["rows"]
                for name in seed_folders if not (Path(row["folder"]) / name / "results.json").is_file()]
@@ -1100,7 +1111,8 @@ def plot_fractions(fig, summary: dict) -> None:
 
 
 def plot_study(fig, summary: dict) -> None:
-    """The forest plot: each dataset's difference and the pooled one with their 95% intervals, 0 dashed."""
+    """The forest plot: each dataset's difference and the pooled one with their 95% intervals, each seed's own
+    difference as a grey cross below, 0 dashed."""
     analysis = summary["analysis"]
     lines = [(name, r) for name, r in analysis["datasets"].items()]
     if analysis["pooled"] is not None:
@@ -1109,11 +1121,14 @@ def plot_study(fig, summary: dict) -> None:
     for y, (name, r) in enumerate(reversed(lines)):
         ax.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="D" if name == "pooled" else "o",
                     color="black" if name == "pooled" else "tab:blue", capsize=4)
+    for y, (name, _) in enumerate(reversed(lines)):  # each seed's own difference: the spread training adds
+        seeds = [diffs[name] for diffs in summary.get("per_seed", {}).values() if name in diffs]
+        ax.plot(seeds, [y - 0.15] * len(seeds), "x", color="gray")
     ax.axvline(0, linestyle="--", color="gray")
     ax.set_yticks(range(len(lines)), [f"{name} (n={r['n']})" for name, r in reversed(lines)])
     methods = summary["methods"]
     ax.set_xlabel(f"{methods[-1]} − {methods[0]}, test {summary['metric']} (points, 95% CI)")
-    ax.set_title("study: paired difference per dataset and pooled")
+    ax.set_title("study: paired difference per dataset and pooled (x: one seed)")
 
 
 def plot_ablations(fig, summary: dict) -> None:

@@ -421,6 +421,13 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     assert (pooled["low"], pooled["high"]) == pytest.approx(evaluation.bootstrap_interval([obqa_diff, arc_diff], 4000))
     assert pooled["p"] == pytest.approx(evaluation.sign_flip_p(np.concatenate([obqa_diff, arc_diff]), 4000))
     assert summary["seeds_used"] == {"obqa": 2, "arc": 2}
+    # each seed alone: its own two runs per dataset, pooled with every question weighing the same
+    own = {f"seed{s}": {d: 100 * (np.mean(runs["tinyllm"][s]) - np.mean(runs["finetune"][s]))
+                        for d, runs in (("obqa", obqa), ("arc", arc))} for s in (0, 1)}
+    for diffs in own.values():
+        diffs["pooled"] = (6 * diffs["obqa"] + 4 * diffs["arc"]) / 10
+    assert summary["per_seed"].keys() == own.keys()
+    assert all(summary["per_seed"][seed] == pytest.approx(own[seed]) for seed in own)
     row = next(r for r in summary["rows"] if (r["dataset"], r["run"]) == ("arc", "finetune"))
     assert row["runs"] == 3 and row["test"] == pytest.approx(statistics.fmean([0.5, 0.75, 0.0]))
     printed = capsys.readouterr().out
@@ -428,6 +435,8 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     assert ("not finished yet (the same command continues): obqa/finetune/seed2, obqa/tinyllm/seed2, arc/tinyllm/seed2"
             in printed)
     assert "TinyLLM − Fine-tune" in printed and "pooled over 10 test questions of 2 datasets" in printed
+    assert (f"per seed, each seed's own runs (Δ test, points): seed0: obqa {own['seed0']['obqa']:+.2f}, "
+            f"arc {own['seed0']['arc']:+.2f}, pooled {own['seed0']['pooled']:+.2f}; seed1: ") in printed
     saved = json.loads((root / "study.json").read_text())
     assert saved["analysis"]["pooled"]["diff"] == pytest.approx(pooled["diff"])
     check_figure(root / "study.png", "study", printed)
