@@ -951,7 +951,7 @@ def write_study(root: Path, summary: dict) -> dict:
                        test=run.score(metric, "test"), test_std=run.spread(metric, "test"), seconds=run.seconds(),
                        runs=len(run.seed_runs) or 1)
         cells[row["dataset"], row["run"]] = row
-    per_seed: dict[str, dict[str, float]] = {}  # seed -> dataset -> that seed's own difference in points
+    seed_strata: dict[str, dict[str, np.ndarray]] = {}  # seed -> dataset -> that seed's own per-question differences
     for dataset in summary["datasets"]:
         a = question_scores(Path(cells[dataset, first]["folder"]), metric)
         b = question_scores(Path(cells[dataset, last]["folder"]), metric)
@@ -960,11 +960,11 @@ def write_study(root: Path, summary: dict) -> dict:
             strata[dataset] = diff
             seeds_used[dataset] = len(a.keys() & b.keys())
             for seed in sorted(a.keys() & b.keys()):
-                per_seed.setdefault(seed, {})[dataset] = 100 * float(np.mean(list(b[seed].values())) -
-                                                                      np.mean(list(a[seed].values())))
-    for seed, diffs in per_seed.items():  # pooled like the analysis: every question weighs the same
-        if diffs.keys() == strata.keys():
-            diffs["pooled"] = sum(diffs[d] * len(strata[d]) for d in strata) / sum(map(len, strata.values()))
+                seed_strata.setdefault(seed, {})[dataset] = paired_stratum({seed: a[seed]}, {seed: b[seed]})
+    # pooled like the analysis (every question weighs the same), for the seeds finished on every dataset
+    per_seed = {seed: {name: 100 * float(d.mean()) for name, d in diffs.items()} |
+                ({"pooled": 100 * float(np.concatenate(list(diffs.values())).mean())} if diffs.keys() == strata.keys() else {})
+                for seed, diffs in seed_strata.items()}
     analysis = study_analysis(strata, summary["resamples"])
     summary.update(analysis=analysis, seeds_used=seeds_used, per_seed=per_seed)
     label = {run: row_label(run, cells[summary["datasets"][0], run]["method"]) for run in methods}
