@@ -48,6 +48,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import tokenize
@@ -318,6 +319,20 @@ def atomic_write(path: Path, content: bytes | str) -> None:
             error.filename = str(path)
         raise
     fsync_path(path.parent)
+
+
+def code_revision(folder: Path = Path(__file__).resolve().parent) -> str | None:
+    """The git commit of the code in `folder`, with "-dirty" when a tracked file differs from it; None outside a
+    git checkout or without git. Each run's train.json records it ("code"), so that a result names its code."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True,
+                              timeout=60).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
 
 
 @dataclass(frozen=True)

@@ -1286,7 +1286,8 @@ def finish(run: Path, state: LoopState, examples: int, total: int, metrics: Path
     best = run / "best"
     if rank == 0:
         summary = {"seconds": round(state.seconds(), 1), "steps": state.step, "examples": examples,
-                   "best_step": state.best_step, "best_valid_accuracy": state.best_accuracy}
+                   "best_step": state.best_step, "best_valid_accuracy": state.best_accuracy,
+                   "code": data.code_revision()}  # the git commit that trained it
         atomic_write(run / "train.json", json.dumps(summary, indent=2) + "\n")
     log(f"checkpoint: {best} (valid accuracy {state.best_accuracy:.4f} at step {state.best_step}); "
         f"last: {run / 'last'} (step {state.step}/{total}); metrics: {metrics}")

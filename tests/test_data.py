@@ -459,3 +459,20 @@ def test_a_slow_download_shows_its_progress(release, serve_folder, tmp_path, mon
     data.fetch("obqa/obqa_valid.json", tmp_path, base_url=server.url)
     assert re.search(r"^obqa/obqa_valid\.json: 112\.2 kB/112\.2 kB  [\d.]+ kB/s  ETA 0:00:00$", capsys.readouterr().err,
                      re.M)
+
+
+def test_code_revision_names_the_commit_and_whether_tracked_files_differ(tmp_path):
+    """What train.json records as "code": the commit, "-dirty" when a tracked file is edited (an untracked one
+    does not count), None outside a git checkout."""
+    assert data.code_revision(tmp_path) is None
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    (tmp_path / "train.py").write_text("a\n")
+    subprocess.run(git + ["add", "train.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
+    commit = subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert len(commit) == 40 and data.code_revision(tmp_path) == commit
+    (tmp_path / "results.json").write_text("{}\n")  # untracked: a run's output, not code
+    assert data.code_revision(tmp_path) == commit
+    (tmp_path / "train.py").write_text("b\n")
+    assert data.code_revision(tmp_path) == commit + "-dirty"

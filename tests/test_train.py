@@ -728,6 +728,7 @@ def test_best_is_the_step_with_the_highest_valid_accuracy(tiny_t5, tmp_path, dat
     assert [r["valid_accuracy"] for r in records if "valid_accuracy" in r] == [c / LIMIT for c in correct_per_eval]
     summary = json.loads((out / "train.json").read_text())
     assert (summary["best_step"], summary["best_valid_accuracy"]) == (2, 0.75)
+    assert summary["code"] == data.code_revision() and summary["code"] is not None  # this checkout's commit
 
     names = parameter_names(tiny_t5)
     best, last = checkpoint_tensors(out / "best"), checkpoint_tensors(out / "last")
