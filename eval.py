@@ -272,6 +272,87 @@ def sign_flip_p(diff: np.ndarray, resamples: int = 10_000, seed: int = 0) -> flo
     return (hits + 1) / (resamples + 1)
 
 
+# Over seeds as well: a study's runs are (dataset, method, seed), and the training seed (data order, dropout) moves a
+# run's accuracy by several points on a small student, so the study's headline resamples the seeds too. Each
+# stratum (a dataset) is (first, last): each method's per-question correctness, one row per seed, (S, n) floats.
+
+def seed_bootstrap_interval(strata: list[tuple[np.ndarray, np.ndarray]], resamples: int = 10_000,
+                            seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval, in points, of the pooled difference last − first when the training is redone as
+    well as the questions redrawn (a two-level bootstrap). Every resample draws each method's seeds with
+    replacement, per dataset, and averages the drawn runs per question; then it draws the dataset's questions
+    with replacement, the same ones for both methods (paired), so each dataset keeps its size in the pool."""
+    rng = np.random.default_rng(seed)
+    total = sum(first.shape[1] for first, _ in strata)
+    sums = np.zeros(resamples)
+    for start in range(0, resamples, 1000):
+        k = min(1000, resamples - start)
+        for first, last in strata:
+            # (k, S) drawn seeds -> (k, S, n) their rows -> (k, n): per question, the mean over the drawn runs
+            first_k, last_k = (runs[rng.integers(0, len(runs), (k, len(runs)))].mean(axis=1) for runs in (first, last))
+            questions = rng.integers(0, first.shape[1], (k, first.shape[1]))  # (k, n)
+            sums[start:start + k] += np.take_along_axis(last_k - first_k, questions, axis=1).sum(axis=1)
+    low, high = np.percentile(sums / total, [2.5, 97.5])
+    return 100 * low, 100 * high
+
+
+EXACT_RELABELLINGS = 100_000  # seed_permutation_p enumerates every relabelling up to this many
+
+
+def seed_permutation_p(strata: list[tuple[np.ndarray, np.ndarray]], resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, int]:
+    """Two-sided p of "the method makes no difference" at the level of trained runs: within each dataset the method
+    labels are exchangeable among its runs, so shuffle them and count how often the pooled difference (each
+    dataset's mean accuracy of the runs labelled last − of those labelled first, weighted by its questions)
+    reaches the observed one in size. Exact over every relabelling while there are at most EXACT_RELABELLINGS
+    (then p can be 1 / their number, and the number is returned), else `resamples` random ones ((hits + 1) /
+    (resamples + 1), and 0 is returned)."""
+    total = sum(first.shape[1] for first, _ in strata)
+    runs = [(np.concatenate([first.mean(axis=1), last.mean(axis=1)]), len(last), first.shape[1])
+            for first, last in strata]  # per dataset: (every run's accuracy, first's then last's; k last; n)
+
+    def weighted(accuracy: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
+        """n · (mean of the runs in `last` − mean of the others), `last` a (..., S) boolean mask."""
+        k = last.sum(axis=-1)
+        return n * ((accuracy * last).sum(axis=-1) / k - (accuracy * ~last).sum(axis=-1) / (len(accuracy) - k))
+
+    observed = sum(weighted(a, np.arange(len(a)) >= len(a) - k, n) for a, k, n in runs) / total
+    relabellings = math.prod(math.comb(len(a), k) for a, k, _ in runs)
+    if relabellings <= EXACT_RELABELLINGS:
+        values = np.zeros(1)
+        for accuracy, k, n in runs:
+            masks = np.zeros((math.comb(len(accuracy), k), len(accuracy)), dtype=bool)  # every choice of k last runs
+            for row, chosen in enumerate(itertools.combinations(range(len(accuracy)), k)):
+                masks[row, list(chosen)] = True
+            values = np.add.outer(values, weighted(accuracy, masks, n)).ravel()  # every combination over datasets
+        return float(np.mean(np.abs(values / total) >= abs(observed) - 1e-12)), relabellings
+    rng = np.random.default_rng(seed)
+    shuffled = np.zeros(resamples)
+    for accuracy, k, n in runs:
+        order = rng.permuted(np.tile(np.arange(len(accuracy)), (resamples, 1)), axis=1)  # (resamples, S)
+        shuffled += weighted(accuracy, order >= len(accuracy) - k, n)
+    hits = int((np.abs(shuffled / total) >= abs(observed) - 1e-12).sum())
+    return (hits + 1) / (resamples + 1), 0
+
+
+def std_ratio_interval(first: np.ndarray, last: np.ndarray, resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of std(last) / std(first), the sample standard deviations of the runs' accuracies
+    over seeds, each method's seeds drawn with replacement. A resample in which first's drawn runs are all alike
+    gives an infinite ratio (kept); one in which both are, none (dropped)."""
+    rng = np.random.default_rng(seed)
+    first_std, last_std = (runs[rng.integers(0, len(runs), (resamples, len(runs)))].std(axis=1, ddof=1)
+                           for runs in (first, last))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = last_std / first_std
+    ratios = ratios[~np.isnan(ratios)]
+    if not len(ratios):  # neither method's runs differ at all
+        return math.nan, math.nan
+    # no interpolation between order statistics: between two infinite ratios it would give nan
+    low, high = np.percentile(ratios, [2.5, 97.5], method="inverted_cdf")
+    return float(low), float(high)
+
+
 def mcnemar_exact(ours: list[bool], base: list[bool]) -> tuple[float, int, int]:
     """Exact (binomial) McNemar test: (two-sided p, b, c) with b the questions only ours gets right and c those
     only base gets right; under H0 each discordant question is a fair coin, b ~ Binomial(b + c, 1/2)."""
@@ -852,10 +933,10 @@ def write_ablations(root: Path, summary: dict) -> dict:
 
 
 # ---- the study: TinyLLM against fine-tuning, over datasets and seeds, one pooled paired verdict
-# Each dataset is a stratum: per test question, each method's correctness averaged over the seeds; the
-# difference (last method - first) per question, its mean per dataset and pooled over every question, a 95%
-# bootstrap interval that resamples questions within each dataset, and a sign-flip permutation p. The runs
-# choose their checkpoint on valid (train.py's best/); test is only scored.
+# Each dataset is a stratum. The headline resamples what a rerun would change: the trained runs (each method's
+# seeds) and the test questions (a two-level bootstrap), with a seed-level permutation p; beside it the
+# interval that holds these trained runs fixed (questions only) and the sign-flip p. The runs choose their
+# checkpoint on valid (train.py's best/); test is only scored.
 
 @dataclass
 class StudyConfig(ExperimentConfig):
@@ -912,34 +993,52 @@ def question_scores(folder: Path, metric: str, split: str = "test") -> dict[str,
     return {name: correct_by_id(Run(folder.name, "", {}, path), metric, split) for name, path in runs.items()}
 
 
-def paired_stratum(first: dict[str, dict[str, bool]], last: dict[str, dict[str, bool]]) -> np.ndarray | None:
-    """Per question (sorted ids), the last method's correctness averaged over the seeds both have finished
-    minus the first's: values in [-1, 1]. None when no seed is finished for both."""
+def paired_runs(first: dict[str, dict[str, bool]], last: dict[str, dict[str, bool]]
+               ) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """The seeds both methods have finished (sorted) and each method's correctness on them, (seeds, questions) as
+    floats, the questions in sorted id order. None when no seed is finished for both."""
     seeds = sorted(first.keys() & last.keys())
     if not seeds:
         return None
     ids = sorted(first[seeds[0]])
     if any(sorted(runs[seed]) != ids for runs in (first, last) for seed in seeds):
         raise UserError("study: the runs of one dataset scored different test questions: evaluate all with the same --limit")
-    return np.array([np.mean([last[s][i] for s in seeds]) - np.mean([first[s][i] for s in seeds]) for i in ids])
+    first_runs, last_runs = (np.array([[runs[s][i] for i in ids] for s in seeds], dtype=np.float64) for runs in (first, last))
+    return seeds, first_runs, last_runs
 
 
-def study_analysis(strata: dict[str, np.ndarray], resamples: int, seed: int = 0) -> dict:
-    """Per dataset and pooled: the mean per-question difference in points, its 95% bootstrap interval (within
-    each dataset) and the sign-flip p."""
-    def one(diffs: list[np.ndarray]) -> dict:
+def study_analysis(strata: dict[str, tuple[np.ndarray, np.ndarray]], resamples: int, seed: int = 0) -> dict:
+    """Per dataset and pooled, from each method's (seeds, questions) correctness: the mean per-question
+    difference last − first in points, averaged over seeds; its 95% interval and p with the seeds resampled
+    (low, high, p: seed_bootstrap_interval, seed_permutation_p) and with these runs held fixed (runs_fixed:
+    bootstrap_interval, sign_flip_p). Per dataset also each method's standard deviation of test accuracy over
+    seeds and the interval of their ratio (stability: exploratory)."""
+    def one(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        diffs = [last.mean(axis=0) - first.mean(axis=0) for first, last in pairs]  # per question, over seeds
         pooled = np.concatenate(diffs)
-        low, high = bootstrap_interval(diffs, resamples, seed)
-        return dict(n=len(pooled), diff=100 * float(pooled.mean()), low=low, high=high,
-                    p=sign_flip_p(pooled, resamples, seed))
+        low, high = seed_bootstrap_interval(pairs, resamples, seed)
+        p, relabellings = seed_permutation_p(pairs, resamples, seed)
+        fixed_low, fixed_high = bootstrap_interval(diffs, resamples, seed)
+        return dict(n=len(pooled), diff=100 * float(pooled.mean()), low=low, high=high, p=p, relabellings=relabellings,
+                    runs_fixed=dict(low=fixed_low, high=fixed_high, p=sign_flip_p(pooled, resamples, seed)))
 
-    return dict(datasets={name: one([d]) for name, d in strata.items()},
+    def stability(first: np.ndarray, last: np.ndarray) -> dict | None:
+        if min(len(first), len(last)) < 2:
+            return None
+        first_acc, last_acc = 100 * first.mean(axis=1), 100 * last.mean(axis=1)  # each run's accuracy, points
+        low, high = std_ratio_interval(first_acc, last_acc, resamples, seed)
+        # JSON has no inf or nan: None is an unbounded end (inf), or no interval at all (nan: no spread anywhere)
+        return dict(first_std=float(first_acc.std(ddof=1)), last_std=float(last_acc.std(ddof=1)),
+                    ratio_low=low if math.isfinite(low) else None, ratio_high=high if math.isfinite(high) else None)
+
+    return dict(datasets={name: one([pair]) | {"stability": stability(*pair)} for name, pair in strata.items()},
                 pooled=one(list(strata.values())) if strata else None)
 
 
 def write_study(root: Path, summary: dict) -> dict:
     """The study's table: each method's valid and test score per dataset (mean ± std over seeds, wall time), the
-    paired difference per dataset and pooled, and the pooled verdict in one sentence."""
+    difference per dataset and pooled with both intervals, the pooled verdict in one sentence (seed-aware), each
+    seed's own difference, and the stability lines."""
     metric, methods = summary["metric"], summary["methods"]
     first, last = methods[0], methods[-1]
     cells, strata, seeds_used = {}, {}, {}
@@ -953,14 +1052,14 @@ def write_study(root: Path, summary: dict) -> dict:
         cells[row["dataset"], row["run"]] = row
     seed_strata: dict[str, dict[str, np.ndarray]] = {}  # seed -> dataset -> that seed's own per-question differences
     for dataset in summary["datasets"]:
-        a = question_scores(Path(cells[dataset, first]["folder"]), metric)
-        b = question_scores(Path(cells[dataset, last]["folder"]), metric)
-        diff = paired_stratum(a, b)
-        if diff is not None:
-            strata[dataset] = diff
-            seeds_used[dataset] = len(a.keys() & b.keys())
-            for seed in sorted(a.keys() & b.keys()):
-                seed_strata.setdefault(seed, {})[dataset] = paired_stratum({seed: a[seed]}, {seed: b[seed]})
+        paired = paired_runs(question_scores(Path(cells[dataset, first]["folder"]), metric),
+                             question_scores(Path(cells[dataset, last]["folder"]), metric))
+        if paired is not None:
+            seeds, first_runs, last_runs = paired
+            strata[dataset] = (first_runs, last_runs)
+            seeds_used[dataset] = len(seeds)
+            for k, seed in enumerate(seeds):
+                seed_strata.setdefault(seed, {})[dataset] = last_runs[k] - first_runs[k]
     # pooled like the analysis (every question weighs the same), for the seeds finished on every dataset
     per_seed = {seed: {name: 100 * float(d.mean()) for name, d in diffs.items()} |
                 ({"pooled": 100 * float(np.concatenate(list(diffs.values())).mean())} if diffs.keys() == strata.keys() else {})
@@ -969,32 +1068,52 @@ def write_study(root: Path, summary: dict) -> dict:
     summary.update(analysis=analysis, seeds_used=seeds_used, per_seed=per_seed)
     label = {run: row_label(run, cells[summary["datasets"][0], run]["method"]) for run in methods}
     comparison = f"{label[last]} − {label[first]}"
-    lines = [f"study: {comparison} on test, {metric} in points; per question the mean over seeds; 95% interval: "
-             f"paired bootstrap within each dataset ({summary['resamples']:,} resamples, seed 0); p: sign-flip "
-             "permutation (two-sided)", ""]
+    lines = [f"study: {comparison} on test, {metric} in points; per question the mean over seeds. Seeds resampled "
+             f"(the headline): 95% two-level bootstrap (each method's seeds, then the questions, within each "
+             f"dataset; {summary['resamples']:,} resamples, seed 0) and a seed-level permutation p (method labels "
+             f"shuffled among each dataset's runs). Runs fixed (conditional on these trained runs): paired "
+             f"bootstrap of the questions and a sign-flip p", ""]
     pooled = analysis["pooled"]
     if pooled is not None:
-        lines += [verdict(comparison, pooled, len(strata)), ""]
+        lines += [verdict(comparison, pooled, seeds_used), ""]
     lines += ["| dataset | " + " | ".join(f"{label[m]} valid | {label[m]} test" for m in methods) +
-              f" | Δ test | 95% CI | p | seeds | questions | wall time ({', '.join(label[m] for m in methods)}) |",
-              "|---|" + "---:|---:|" * len(methods) + "---:|---:|---:|---:|---:|---|"]
+              " | Δ test | 95% CI, seeds resampled | p, seeds | 95% CI, runs fixed | p, runs fixed | seeds | questions "
+              f"| wall time ({', '.join(label[m] for m in methods)}) |",
+              "|---|" + "---:|---:|" * len(methods) + "---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def paired_cells(r: dict) -> str:
+        fixed = r["runs_fixed"]
+        return (f"{r['diff']:+.2f} | [{r['low']:+.2f}, {r['high']:+.2f}] | {r['p']:.3g} | "
+                f"[{fixed['low']:+.2f}, {fixed['high']:+.2f}] | {fixed['p']:.3g}")
+
     for dataset in summary["datasets"]:
         scores = " | ".join(f"{percent(cells[dataset, m]['valid'], cells[dataset, m]['valid_std'])} | "
                             f"{percent(cells[dataset, m]['test'], cells[dataset, m]['test_std'])}" for m in methods)
         times = ", ".join(format_seconds(cells[dataset, m]["seconds"]) if cells[dataset, m]["seconds"] else "—"
                           for m in methods)
         result = analysis["datasets"].get(dataset)
-        paired = (f"{result['diff']:+.2f} | [{result['low']:+.2f}, {result['high']:+.2f}] | {result['p']:.3g} | "
-                  f"{seeds_used[dataset]} | {result['n']}") if result else "— | — | — | 0 | —"
+        paired = (f"{paired_cells(result)} | {seeds_used[dataset]} | {result['n']}" if result
+                  else "— | — | — | — | — | 0 | —")
         lines.append(f"| {dataset} | {scores} | {paired} | {times} |")
     if pooled is not None:
         lines.append(f"| **pooled** |" + " | " * (2 * len(methods) - 1) +
-                     f" | **{pooled['diff']:+.2f}** | [{pooled['low']:+.2f}, {pooled['high']:+.2f}] | "
-                     f"{pooled['p']:.3g} | | {pooled['n']} | |")
-    if len(per_seed) > 1:  # the interval resamples the questions of these runs; training seeds vary too
+                     f" | **{pooled['diff']:+.2f}** | {paired_cells(pooled).split(' | ', 1)[1]} | | {pooled['n']} | |")
+    if len(per_seed) > 1:
         lines += ["", "per seed, each seed's own runs (Δ test, points): " + "; ".join(
             f"{seed}: " + ", ".join(f"{name} {value:+.2f}" for name, value in diffs.items())
             for seed, diffs in per_seed.items())]
+    steadiness = [(dataset, r["stability"]) for dataset, r in analysis["datasets"].items() if r["stability"]]
+    if steadiness:
+        def ratio(s: dict) -> str:
+            if not s["first_std"]:
+                return "∞" if s["last_std"] else "undefined (no spread)"
+            bound = lambda value: "∞" if value is None else f"{value:.2f}"
+            return f"{s['last_std'] / s['first_std']:.2f} [{bound(s['ratio_low'])}, {bound(s['ratio_high'])}]"
+        lines += ["", f"stability across seeds (exploratory): standard deviation of test accuracy over seeds, "
+                      f"{label[first]} / {label[last]}, and the ratio {label[last]} / {label[first]} with its 95% "
+                      "bootstrap interval (seeds resampled): " + "; ".join(
+                          f"{dataset} {s['first_std']:.2f} / {s['last_std']:.2f} points, ratio {ratio(s)}"
+                          for dataset, s in steadiness)]
     seed_folders = [f"seed{seed}" for seed in summary["seeds"]] or [""]  # "": a run without seeds is its row's folder
     missing = [f"{row['dataset']}/{row['run']}" + (f"/{name}" if name else "") for row in summary["rows"]
                for name in seed_folders if not (Path(row["folder"]) / name / "results.json").is_file()]
@@ -1003,15 +1122,22 @@ def write_study(root: Path, summary: dict) -> dict:
     return write_summary(root, "study", summary, lines)
 
 
-def verdict(comparison: str, pooled: dict, datasets: int) -> str:
-    """The pooled result in one sentence: which way, how many points, the interval, the p-value."""
+def verdict(comparison: str, pooled: dict, seeds_used: dict[str, int]) -> str:
+    """The pooled result in one sentence, from the seed-aware interval: "better" or "worse" only when it excludes
+    0, else "no difference established"; the number of seeds in; the interval with the runs fixed beside it."""
+    ours, base = comparison.split(" − ")
     if pooled["low"] > 0 or pooled["high"] < 0:
-        way = "better" if pooled["diff"] > 0 else "worse"
-        head = f"{comparison.split(' − ')[0]} is {way} than {comparison.split(' − ')[1]} by {abs(pooled['diff']):.2f} points"
+        head = f"{ours} is {'better' if pooled['diff'] > 0 else 'worse'} than {base} by {abs(pooled['diff']):.2f} points"
     else:
-        head = (f"No difference shown: {comparison} = {pooled['diff']:+.2f} points, and the interval contains 0")
-    return (f"**{head}** (pooled over {pooled['n']:,} test questions of {datasets} dataset"
-            f"{'s' if datasets != 1 else ''}; 95% CI [{pooled['low']:+.2f}, {pooled['high']:+.2f}], p = {pooled['p']:.3g}).")
+        head = f"No difference established: {comparison} = {pooled['diff']:+.2f} points"
+    counts = sorted(set(seeds_used.values()))
+    seeds = (f"{counts[0]} seed{'s' if counts[0] != 1 else ''} per method on each" if len(counts) == 1 else
+             "; ".join(f"{n} seeds of {d}" for d, n in seeds_used.items()))
+    fixed = pooled["runs_fixed"]
+    return (f"**{head}** (pooled over {pooled['n']:,} test questions of {len(seeds_used)} dataset"
+            f"{'s' if len(seeds_used) != 1 else ''}, {seeds}; 95% CI with the seeds resampled "
+            f"[{pooled['low']:+.2f}, {pooled['high']:+.2f}], seed-level p = {pooled['p']:.3g}; with these trained "
+            f"runs held fixed [{fixed['low']:+.2f}, {fixed['high']:+.2f}], p = {fixed['p']:.3g}).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1111,24 +1237,34 @@ def plot_fractions(fig, summary: dict) -> None:
 
 
 def plot_study(fig, summary: dict) -> None:
-    """The forest plot: each dataset's difference and the pooled one with their 95% intervals, each seed's own
-    difference as a grey cross below, 0 dashed."""
+    """The forest plot: each dataset's difference and the pooled one with both 95% intervals (thick: seeds
+    resampled, the headline; thin, just below: these runs held fixed), each seed's own difference as a grey
+    cross above, 0 dashed."""
     analysis = summary["analysis"]
     lines = [(name, r) for name, r in analysis["datasets"].items()]
     if analysis["pooled"] is not None:
         lines.append(("pooled", analysis["pooled"]))
     ax = fig.subplots()
     for y, (name, r) in enumerate(reversed(lines)):
-        ax.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="D" if name == "pooled" else "o",
-                    color="black" if name == "pooled" else "tab:blue", capsize=4)
-    for y, (name, _) in enumerate(reversed(lines)):  # each seed's own difference: the spread training adds
+        color = "black" if name == "pooled" else "tab:blue"
+        ax.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], color=color,
+                    fmt="D" if name == "pooled" else "o", capsize=4, linewidth=2.5,
+                    label="95% CI, seeds resampled" if y == 0 else None)
+        fixed = r.get("runs_fixed")  # absent in a study.json written before the seed-aware analysis
+        if fixed:
+            ax.errorbar([r["diff"]], [y - 0.2], xerr=[[r["diff"] - fixed["low"]], [fixed["high"] - r["diff"]]],
+                        fmt="none", color=color, capsize=2, linewidth=1, alpha=0.7,
+                        label="95% CI, these runs fixed" if y == 0 else None)
         seeds = [diffs[name] for diffs in summary.get("per_seed", {}).values() if name in diffs]
-        ax.plot(seeds, [y - 0.15] * len(seeds), "x", color="gray")
+        ax.plot(seeds, [y + 0.2] * len(seeds), "x", color="gray", label="one seed" if y == 0 and seeds else None)
     ax.axvline(0, linestyle="--", color="gray")
     ax.set_yticks(range(len(lines)), [f"{name} (n={r['n']})" for name, r in reversed(lines)])
+    ax.set_ylim(-0.6, len(lines) - 0.4)
     methods = summary["methods"]
-    ax.set_xlabel(f"{methods[-1]} − {methods[0]}, test {summary['metric']} (points, 95% CI)")
-    ax.set_title("study: paired difference per dataset and pooled (x: one seed)")
+    ax.set_xlabel(f"{methods[-1]} − {methods[0]}, test {summary['metric']} (points)")
+    ax.set_title("study: difference per dataset and pooled")
+    if lines:
+        ax.legend(loc="lower right", fontsize="x-small")
 
 
 def plot_ablations(fig, summary: dict) -> None:

@@ -351,3 +351,94 @@ def test_sign_flip_p_against_every_sign_pattern_and_mcnemar():
     assert (b, c) == (14, 4)
     flips = evaluation.sign_flip_p(np.array(ours, float) - np.array(base, float), resamples=40_000)
     assert flips == pytest.approx(p, abs=0.006)
+
+
+# the seed-aware statistics: the trained runs resampled too (each method's seeds), not only the questions
+
+def disagreeing_seeds(n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """3 seeds per method on the same n questions: fine-tuning's seeds all alike; TinyLLM's seed 0 right on 6
+    more questions, seeds 1 and 2 exactly fine-tuning's. Per-seed differences +6, 0, 0 points."""
+    base = (np.arange(n) % 2 == 0).astype(float)  # half right
+    first = np.tile(base, (3, 1))
+    last = first.copy()
+    last[0, 1:13:2] = 1.0  # six wrong answers made right in seed 0 only
+    return first, last
+
+
+def test_seed_bootstrap_widens_when_seeds_disagree_and_contains_zero():
+    """Per-seed differences +6, 0, 0: holding the runs fixed, the question bootstrap sees 6 questions at +1/3
+    and an interval above 0; resampling the seeds, TinyLLM draws no seed 0 in (2/3)^3 = 30% of resamples, so
+    the seed-aware interval reaches 0 (it contains it) and is wider. Resampling the questions alone (the seed
+    draw dropped) fails this."""
+    first, last = disagreeing_seeds()
+    assert [100 * (last[k].mean() - first[k].mean()) for k in range(3)] == pytest.approx([6.0, 0.0, 0.0])
+    diff = last.mean(axis=0) - first.mean(axis=0)
+    fixed_low, fixed_high = evaluation.bootstrap_interval([diff], resamples=10_000)
+    low, high = evaluation.seed_bootstrap_interval([(first, last)], resamples=10_000)
+    assert fixed_low > 0 and fixed_high < 6.0
+    assert low <= 0 <= high and high - low > fixed_high - fixed_low
+    assert low == 0.0  # no resample goes below: no seed of TinyLLM is worse than fine-tuning on any question
+    assert high > fixed_high  # TinyLLM drawn as seed 0 three times: up to 6 points and beyond with the questions
+
+
+def test_seed_bootstrap_equals_the_question_bootstrap_when_seeds_agree():
+    """Every seed of a method gives the same answers: drawing seeds changes nothing, and the two-level interval
+    is the question-only one within bootstrap error (different random draws), including across datasets."""
+    rng = np.random.default_rng(7)
+    strata, diffs = [], []
+    for n in (400, 300):
+        first, last = (np.tile((rng.random(n) < p).astype(float), (3, 1)) for p in (0.45, 0.55))
+        strata.append((first, last))
+        diffs.append(last[0] - first[0])
+    seed_aware = evaluation.seed_bootstrap_interval(strata, resamples=10_000)
+    fixed = evaluation.bootstrap_interval(diffs, resamples=10_000)
+    assert seed_aware == pytest.approx(fixed, abs=0.4)  # both about ±3.6 points wide; Monte Carlo error ~0.1
+
+
+def test_seed_permutation_p_is_the_enumeration_by_hand():
+    """Two datasets with 2 seeds per method: C(4, 2) = 6 relabellings each, 36 in all. By hand, from the runs'
+    accuracies: obqa (4 questions) fine-tuning 0.25, 0.5, TinyLLM 0.75, 1.0; arc (2 questions) fine-tuning
+    0.5, 0.5, TinyLLM 0.5, 1.0. The observed pooled difference is (4 · 0.5 + 2 · 0.25) / 6 = 0.41667; a
+    relabelling's is (4 · d_obqa + 2 · d_arc) / 6, with d the mean of the runs labelled TinyLLM minus the others.
+    """
+    obqa = (np.array([[1, 0, 0, 0], [1, 1, 0, 0]], float), np.array([[1, 1, 1, 0], [1, 1, 1, 1]], float))
+    arc = (np.array([[1, 0], [0, 1]], float), np.array([[1, 0], [1, 1]], float))
+    p, relabellings = evaluation.seed_permutation_p([obqa, arc])
+    # obqa's accuracies [0.25, 0.5, 0.75, 1.0]: the 6 ways to pick two as "TinyLLM" give d = ±0.5, ±0.25, 0, 0
+    d_obqa = [0.5, 0.25, 0.0, 0.0, -0.25, -0.5]
+    # arc's accuracies [0.5, 0.5, 0.5, 1.0]: the pair holding 1.0 as "TinyLLM" (3 ways) d = +0.25, else -0.25
+    d_arc = [0.25, 0.25, 0.25, -0.25, -0.25, -0.25]
+    pooled = [(4 * a + 2 * b) / 6 for a in d_obqa for b in d_arc]
+    observed = (4 * 0.5 + 2 * 0.25) / 6
+    by_hand = sum(abs(v) >= observed - 1e-12 for v in pooled) / 36  # 0.41667 and 0.33333 ... only ±0.41667 reach
+    assert relabellings == 36 and by_hand == 6 / 36
+    assert p == pytest.approx(by_hand)
+    # the same case with a negative effect (the methods swapped) has the same two-sided p
+    assert evaluation.seed_permutation_p([(obqa[1], obqa[0]), (arc[1], arc[0])]) == (pytest.approx(by_hand), 36)
+
+
+def test_seed_permutation_p_random_draws_agree_with_the_enumeration(monkeypatch):
+    """Past EXACT_RELABELLINGS the relabellings are drawn at random: the same p within Monte Carlo error, and
+    never 0 ((hits + 1) / (draws + 1)). With one seed per method no relabelling differs in size: p = 1."""
+    rng = np.random.default_rng(4)
+    strata = [tuple((rng.random((4, 30)) < p).astype(float) for p in (0.45, 0.55)) for _ in range(2)]
+    exact, relabellings = evaluation.seed_permutation_p(strata)
+    assert relabellings == 70 * 70 and 0.05 < exact < 0.5  # a case where p is neither tiny nor 1
+    monkeypatch.setattr(evaluation, "EXACT_RELABELLINGS", 100)
+    drawn, none = evaluation.seed_permutation_p(strata, resamples=20_000)
+    assert none == 0 and drawn == pytest.approx(exact, abs=0.01)
+    one_seed = [(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]))]
+    assert evaluation.seed_permutation_p(one_seed) == (1.0, 2)
+
+
+def test_std_ratio_interval_by_direct_computation():
+    """Identical spread: the ratio's interval holds 1; a method ten times steadier: the whole interval far
+    below 1; its point value the plain ratio of sample standard deviations."""
+    rng = np.random.default_rng(5)
+    noisy = rng.normal(40, 4, 10)
+    low, high = evaluation.std_ratio_interval(noisy, noisy + 1.0)  # the same runs shifted: identical spread
+    assert low < 1 < high
+    steady = 40 + (noisy - 40) / 10
+    low, high = evaluation.std_ratio_interval(noisy, steady)
+    assert np.std(steady, ddof=1) / np.std(noisy, ddof=1) == pytest.approx(0.1)
+    assert high < 0.2 and low > 0.05

@@ -401,7 +401,7 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     difference TinyLLM − fine-tuning per dataset and pooled is the plain mean of those, its interval and p
     those of the per-question differences (within-dataset bootstrap, sign flips)."""
     root = tmp_path / "study"
-    obqa = {"finetune": [[1, 0, 0, 1, 0, 1], [1, 1, 0, 0, 0, 1]], "tinyllm": [[1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 1, 1]]}
+    obqa = {"finetune": [[1, 0, 0, 1, 0, 1], [1, 1, 0, 1, 0, 1]], "tinyllm": [[1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 0, 1]]}
     arc = {"finetune": [[0, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]], "tinyllm": [[0, 1, 1, 1], [1, 0, 0, 1]]}
     for dataset, runs in (("obqa", obqa), ("arc", arc)):
         for method, seeds in runs.items():
@@ -418,8 +418,14 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     assert analysis["datasets"]["arc"]["diff"] == pytest.approx(100 * arc_diff.mean())
     pooled = analysis["pooled"]
     assert pooled["n"] == 10 and pooled["diff"] == pytest.approx(100 * np.concatenate([obqa_diff, arc_diff]).mean())
-    assert (pooled["low"], pooled["high"]) == pytest.approx(evaluation.bootstrap_interval([obqa_diff, arc_diff], 4000))
-    assert pooled["p"] == pytest.approx(evaluation.sign_flip_p(np.concatenate([obqa_diff, arc_diff]), 4000))
+    fixed = pooled["runs_fixed"]  # these trained runs held fixed: the questions resampled, sign flips
+    assert (fixed["low"], fixed["high"]) == pytest.approx(evaluation.bootstrap_interval([obqa_diff, arc_diff], 4000))
+    assert fixed["p"] == pytest.approx(evaluation.sign_flip_p(np.concatenate([obqa_diff, arc_diff]), 4000))
+    # the headline: seeds resampled too, over each method's runs of the seeds both finished (arc: 0 and 1)
+    strata = [tuple(np.array(runs[m][:2], float) for m in ("finetune", "tinyllm")) for runs in (obqa, arc)]
+    assert (pooled["low"], pooled["high"]) == pytest.approx(evaluation.seed_bootstrap_interval(strata, 4000))
+    assert (pooled["p"], pooled["relabellings"]) == pytest.approx(evaluation.seed_permutation_p(strata, 4000))
+    assert pooled["relabellings"] == 36  # C(4, 2) relabellings of each dataset's four runs, every combination
     assert summary["seeds_used"] == {"obqa": 2, "arc": 2}
     # each seed alone: its own two runs per dataset, pooled with every question weighing the same
     own = {f"seed{s}": {d: 100 * (np.mean(runs["tinyllm"][s]) - np.mean(runs["finetune"][s]))
@@ -434,7 +440,16 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     assert "| **pooled** |" in printed  # seed 2 asked for: every row but arc's fine-tuning lacks it
     assert ("not finished yet (the same command continues): obqa/finetune/seed2, obqa/tinyllm/seed2, arc/tinyllm/seed2"
             in printed)
-    assert "TinyLLM − Fine-tune" in printed and "pooled over 10 test questions of 2 datasets" in printed
+    assert "TinyLLM − Fine-tune" in printed and "pooled over 10 test questions of 2 datasets, 2 seeds per method" in printed
+    verdict = next(line for line in printed.splitlines() if line.startswith("**"))
+    interval = f"[{pooled['low']:+.2f}, {pooled['high']:+.2f}]"
+    assert (pooled["low"] <= 0 <= pooled["high"]) == verdict.startswith("**No difference established")
+    assert f"95% CI with the seeds resampled {interval}, seed-level p = {pooled['p']:.3g}" in verdict
+    # stability (exploratory): each method's standard deviation of test accuracy over those seeds
+    obqa_std = [np.std([100 * np.mean(c) for c in obqa[m]], ddof=1) for m in ("finetune", "tinyllm")]
+    stability = analysis["datasets"]["obqa"]["stability"]
+    assert (stability["first_std"], stability["last_std"]) == pytest.approx(obqa_std)
+    assert f"obqa {obqa_std[0]:.2f} / {obqa_std[1]:.2f} points, ratio {obqa_std[1] / obqa_std[0]:.2f} [" in printed
     assert (f"per seed, each seed's own runs (Δ test, points): seed0: obqa {own['seed0']['obqa']:+.2f}, "
             f"arc {own['seed0']['arc']:+.2f}, pooled {own['seed0']['pooled']:+.2f}; seed1: ") in printed
     saved = json.loads((root / "study.json").read_text())
@@ -457,7 +472,7 @@ def test_study_before_any_run_writes_the_empty_table(tmp_path, no_training, caps
 def test_the_committed_study_rebuilds_its_table_and_the_readme_quotes_its_verdict(tmp_path, no_training, monkeypatch):
     """results/study/ as committed: the command written into its study.json (nothing is trained: --train=0)
     rebuilds study.md and study.json exactly from the runs' predictions, and the README's Results section
-    quotes the pooled verdict sentence of that table, so neither can drift from the runs."""
+    quotes the pooled verdict sentence and the whole table of it, so neither can drift from the runs."""
     committed = REPO / "results" / "study"
     shutil.copytree(committed, tmp_path / "results" / "study",
                     ignore=shutil.ignore_patterns("study.md", "study.json", "study.png"))
@@ -470,8 +485,12 @@ def test_the_committed_study_rebuilds_its_table_and_the_readme_quotes_its_verdic
     assert (rebuilt / "study.md").read_text() == (committed / "study.md").read_text()
     assert json.loads((rebuilt / "study.json").read_text()) == summary
     assert (rebuilt / "study.png").is_file() == HAS_MATPLOTLIB
-    verdict = (committed / "study.md").read_text().splitlines()[2]
-    assert verdict.startswith("**") and " ".join(verdict.split()) in " ".join((REPO / "README.md").read_text().split())
+    table = (committed / "study.md").read_text().splitlines()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    verdict = table[2]
+    assert verdict.startswith("**") and " ".join(verdict.split()) in readme
+    quoted = [line for line in table if line.startswith(("| ", "per seed", "stability"))]
+    assert len(quoted) >= 6 and all(" ".join(line.split()) in readme for line in quoted)  # the table, whole
 
 
 @pytest.fixture(scope="session")
