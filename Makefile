@@ -164,20 +164,20 @@ table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEED
 
 # ---- the paper's experiments, one command each: resumable (a finished run, with results.json, is kept) -----
 sweep: $(STAMPS)/setup ## TinyLLM for every α combination of ALPHAS (or SWEEP), best on valid (§4.1, Fig. 3)
-	$(PY) eval.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
+	$(PY) experiments.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
 
 fractions: $(STAMPS)/setup ## METHODS on FRACTIONS of the training set: the Fig. 2 curve and table
-	$(PY) eval.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(or $(METHODS),tinyllm dss finetune)" --alpha="$(ALPHA)" $(ARGS)
+	$(PY) experiments.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(or $(METHODS),tinyllm dss finetune)" --alpha="$(ALPHA)" $(ARGS)
 
 ablations: $(STAMPS)/setup ## Table 2: without each teacher, without in-context examples / teacher forcing
-	$(PY) eval.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
+	$(PY) experiments.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
 
 study: $(STAMPS)/setup ## METHODS on every dataset of DATASETS per seed of SEEDS: the pooled paired verdict (OUT/study/)
-	$(PY) eval.py study $(EXPERIMENT) --datasets="$(DATASETS)" --methods="$(or $(METHODS),finetune tinyllm)" \
+	$(PY) experiments.py study $(EXPERIMENT) --datasets="$(DATASETS)" --methods="$(or $(METHODS),finetune tinyllm)" \
 	  --alpha="$(ALPHA)" $(ARGS)
 
 report: $(STAMPS)/setup ## OUT/DATASET/report.md: every table and figure there, with the commands that made them
-	$(PY) eval.py report --dataset=$(DATASET) --out=$(OUT)
+	$(PY) experiments.py report --dataset=$(DATASET) --out=$(OUT)
 
 bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (writes OUT/bench.json)
 	$(PY) tests/bench.py --device=$(DEVICE) --out=$(OUT) $(ARGS)

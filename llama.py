@@ -764,7 +764,7 @@ def _short_list(names: list[str], limit: int = 12) -> str:
 
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path) to a temp file beside `path`, fsync, then os.replace: no torn file on a crash. The model
-    files stand alone, so each keeps its own copy of data.atomic_write (why: t5._atomic_write)."""
+    files stand alone, so each keeps its own copy of cli.atomic_write (why: t5._atomic_write)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -734,7 +734,7 @@ def _check_keys(folder: Path, expected: dict[str, tuple], found: dict[str, tuple
 
 def _atomic_write(path: Path, write) -> None:
     """write(tmp_path), fsync, then rename over `path`, so readers never see a half-written file. The model
-    files import nothing of the project (each stands alone), so each keeps this small copy of data.atomic_write,
+    files import nothing of the project (each stands alone), so each keeps this small copy of cli.atomic_write,
     taking a writer (safetensors' save_file writes to a path) rather than bytes."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:

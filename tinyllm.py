@@ -36,12 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+import cli
 import data
 import llama
 import prompts
 import t5
-from data import (BOOL, Progress, UserError, above, at_least, atomic_write, flag, fraction, interrupt_note, load_model, one_of,
-                  parse_flags, run_main, some_of)
+from cli import (BOOL, Progress, UserError, above, at_least, atomic_write, flag, fraction, interrupt_note, one_of,
+                 parse_flags, run_main, some_of)
+from data import load_model
 
 
 # ---- the rationale cache ----------------------------------------------------------------------
@@ -487,7 +489,7 @@ def check_teacher(cfg: "RationalesConfig", name: str, source: str) -> None:
 
 # ---- the `rationales` command -----------------------------------------------------------------
 
-TEACHERS_RULE = data.Rule("name=source ..., at least one, names distinct",
+TEACHERS_RULE = cli.Rule("name=source ..., at least one, names distinct",
                           lambda value: parse_teachers(value) and None, empty_is_value=True)
 
 
@@ -658,16 +660,16 @@ def make_record(name: str, source: str, settings: dict, job: Job, output: str | 
 
 def rationales(cfg: RationalesConfig) -> None:
     """Fill the cache with every teacher's rationales for the chosen splits, then print a summary."""
-    data.check_flags(cfg)  # a config made in code (the ablations') is checked as a parsed one is
+    cli.check_flags(cfg)  # a config made in code (the ablations') is checked as a parsed one is
     splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]
     teachers = parse_teachers(cfg.teachers)
     # every teacher before the first starts: its kind and source, and the cache folder
     for name, source in teachers:
         check_teacher(cfg, name, source)
-    data.check_folder(Path(cfg.cache) / cfg.dataset, "--cache")
+    cli.check_folder(Path(cfg.cache) / cfg.dataset, "--cache")
     # Under torchrun the ranks meet once, at the end, after generating for very different times: gloo's
     # barrier, whose timeout is longer than NCCL's and which needs no GPU communicator.
-    rank, world_size, device = data.setup_distributed(cfg.device, backend="gloo")
+    rank, world_size, device = cli.setup_distributed(cfg.device, backend="gloo")
     distributed = dist.is_initialized()
 
     examples = {split: data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None) for split in splits}
@@ -701,16 +703,11 @@ def rationales(cfg: RationalesConfig) -> None:
         raise UserError("\n".join(stopped + empty_teachers) + kept)
 
 
-EXPERIMENTS = ("sweep", "fractions", "ablations")  # once commands of this file, now eval.py's
-
-
 def main(argv: list[str]) -> None:
     command = argv[0] if argv else ""
-    if command in EXPERIMENTS:  # the experiments sit beside their tables and figures now: say where, in one line
-        raise UserError(f"`python tinyllm.py {command}` is now `python eval.py {command}` (the same flags)")
     if command in ("--help", "-h", "help"):
         print(f"usage: python tinyllm.py rationales [--key=value ...]: {rationales.__doc__}\n"
-              "`python tinyllm.py rationales --help` lists its flags; the experiments are eval.py's")
+              "`python tinyllm.py rationales --help` lists its flags; the experiments are experiments.py's")
         return
     if command != "rationales":
         unknown = f"unknown command {command!r}; " if command else ""

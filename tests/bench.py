@@ -77,13 +77,15 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # flat scripts: t5.py and llama.py live in the repo root
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import llama  # noqa: E402
 import prompts  # noqa: E402
 import t5  # noqa: E402
 import tinyllm  # noqa: E402
+import student as students  # noqa: E402
 import train  # noqa: E402
-from data import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
+from cli import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
 
 
 @dataclass
@@ -488,10 +490,10 @@ def job_student(kind: str, config: dict, device: torch.device, bf16: bool, dtype
     if kind == "t5":
         theirs = transformers_t5(config, device).to(dtype)
         ours = ours_from(theirs, t5.T5(t5.T5Config.from_hf_config(config))).to(device, dtype)
-        return train.Seq2SeqStudent(ours, text.t5_tokenizer, device, bf16), theirs
+        return students.Seq2SeqStudent(ours, text.t5_tokenizer, device, bf16), theirs
     theirs = transformers_llama(config, device).to(dtype)
     ours = ours_from(theirs, llama.Llama(llama.LlamaConfig.from_hf_config(config))).to(device, dtype)
-    return train.DecoderOnlyStudent(ours, text.llama_tokenizer, device, bf16, chat=False, with_boundary=True), theirs
+    return students.DecoderOnlyStudent(ours, text.llama_tokenizer, device, bf16, chat=False, with_boundary=True), theirs
 
 
 def theirs_task_loss(kind: str, theirs: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int,
@@ -499,26 +501,26 @@ def theirs_task_loss(kind: str, theirs: nn.Module, rows: list[tuple[list[int], l
     """One task's mean token cross-entropy the way the official code computes it: its own padded forward
     through transformers, the loss from `labels` over the full logits."""
     if kind == "t5":
-        input_ids = train.pad([p for p, _ in rows], pad_id).to(device)
-        mask = train.pad([[1] * len(p) for p, _ in rows], 0).to(device)
-        labels = train.pad([t for _, t in rows], -100).to(device)
+        input_ids = students.pad([p for p, _ in rows], pad_id).to(device)
+        mask = students.pad([[1] * len(p) for p, _ in rows], 0).to(device)
+        labels = students.pad([t for _, t in rows], -100).to(device)
         return theirs(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-    input_ids = train.pad([p + t for p, t in rows], pad_id).to(device)
-    mask = train.pad([[1] * (len(p) + len(t)) for p, t in rows], 0).to(device)
-    labels = train.pad([[-100] * len(p) + t for p, t in rows], -100).to(device)
+    input_ids = students.pad([p + t for p, t in rows], pad_id).to(device)
+    mask = students.pad([[1] * (len(p) + len(t)) for p, t in rows], 0).to(device)
+    labels = students.pad([[-100] * len(p) + t for p, t in rows], -100).to(device)
     return theirs(input_ids=input_ids, attention_mask=mask, labels=labels).loss
 
 
 def release_tasks(text: ReleaseText, examples: list) -> list[train.Task]:
     """The answer task and the paper's two teachers' rationale tasks (α = 0.5 each) over the release text."""
-    tasks = [train.Task(train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0, {ex.id: ex.answer_text for ex in examples})]
+    tasks = [train.Task(students.ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0, {ex.id: ex.answer_text for ex in examples})]
     for i, teacher in enumerate(("flan-t5-xl", "llama-2")):
         targets = {ex.id: r[i] for ex, r in zip(examples, text.rationales) if r[i].strip()}
         tasks.append(train.Task(teacher, prompts.teacher_prefix(teacher), 0.5, targets))
     return tasks
 
 
-def our_step(student: train.Student, tasks: list[train.Task], examples: list, device: torch.device):
+def our_step(student: students.Student, tasks: list[train.Task], examples: list, device: torch.device):
     """train.py's optimizer step on `examples` (one micro-batch) with `tasks`: micro_batch_loss, backward, fused
     AdamW. (the step function, its micro-batch, the task weights, the tokens per task)."""
     rows = train.encode_rows(student, examples, tasks, train.TrainConfig())
@@ -550,7 +552,7 @@ def tinyllm_job_case(name: str, kind: str, config: dict, batch: int, reps: int, 
     tasks = release_tasks(text, examples)
     step_ours, micro, weights, task_tokens = our_step(student, tasks, examples, device)
     if compile:
-        train.compile_objective(student)
+        students.compile_objective(student)
     flat = [row for example in micro for row in example]
     by_task = [[(p, tgt) for t, p, tgt in flat if t == task] for task in range(len(tasks))]
     pad_id = student.tokenizer.pad_id
@@ -603,7 +605,7 @@ def compiled_case(case: Case, theirs_warmup: Callable[[], object]) -> Case:
     return case
 
 
-def step_slots(student: train.Student, micro: list) -> int:
+def step_slots(student: students.Student, micro: list) -> int:
     """Token slots a step computes: T5's bins (encoder and decoder, padding included); decoder-only, shared
     prompts once, padding excluded."""
     batch = student.collate([[(p, tgt) for _, p, tgt in example] for example in micro])[0]
@@ -672,8 +674,8 @@ def rationales_job_case(name: str, config: dict, rows: int, n_prompts: int, max_
         done = {}
         for start in range(0, n, rows):
             chunk = list(range(start, min(start + rows, n)))
-            ids = train.pad([prompt_ids[i] for i in chunk], tok.pad_id, left=True).to(device)
-            mask = train.pad([[1] * len(prompt_ids[i]) for i in chunk], 0, left=True).to(device)
+            ids = students.pad([prompt_ids[i] for i in chunk], tok.pad_id, left=True).to(device)
+            mask = students.pad([[1] * len(prompt_ids[i]) for i in chunk], 0, left=True).to(device)
             with torch.inference_mode():
                 out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=False, eos_token_id=None,
                                       max_new_tokens=max(limits[i] for i in chunk), pad_token_id=tok.pad_id,
@@ -702,7 +704,7 @@ def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: i
     student, theirs = job_student(kind, config, device, bf16=False, dtype=dtype)
     student.module.eval(), theirs.eval()
     questions = release_text("obqa").test[:n_questions]
-    prompt_rows = [student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024) for ex in questions]
+    prompt_rows = [student.fit_prompt(ex, students.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024) for ex in questions]
     options = [[student.encode_option(o) for o in ex.options] for ex in questions]
     chunks = [range(s, min(s + batch, n_questions)) for s in range(0, n_questions, batch)]
     outputs: dict = {}
@@ -718,14 +720,14 @@ def rank_job_case(name: str, kind: str, config: dict, n_questions: int, batch: i
         for c in chunks:
             pairs = [(prompt_rows[i], o) for i in c for o in options[i]]
             if kind == "t5":
-                input_ids = train.pad([p for p, _ in pairs], pad_id).to(device)
-                mask = train.pad([[1] * len(p) for p, _ in pairs], 0).to(device)
-                labels = train.pad([o for _, o in pairs], -100).to(device)
+                input_ids = students.pad([p for p, _ in pairs], pad_id).to(device)
+                mask = students.pad([[1] * len(p) for p, _ in pairs], 0).to(device)
+                labels = students.pad([o for _, o in pairs], -100).to(device)
                 logits = theirs(input_ids=input_ids, attention_mask=mask, labels=labels).logits
             else:
-                input_ids = train.pad([p + o for p, o in pairs], pad_id).to(device)
-                mask = train.pad([[1] * (len(p) + len(o)) for p, o in pairs], 0).to(device)
-                labels = train.pad([[-100] * len(p) + o for p, o in pairs], -100)[:, 1:].to(device)
+                input_ids = students.pad([p + o for p, o in pairs], pad_id).to(device)
+                mask = students.pad([[1] * (len(p) + len(o)) for p, o in pairs], 0).to(device)
+                labels = students.pad([[-100] * len(p) + o for p, o in pairs], -100)[:, 1:].to(device)
                 logits = theirs(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             picked = logprobs.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * (labels != -100)
@@ -817,7 +819,7 @@ def make_plan(cfg: BenchConfig, device: torch.device) -> list[Plan]:
         return plan
     # 3. the jobs, on real OBQA text, in the dtype each script uses here (train.py: bf16 autocast where native;
     # eval.py: bf16 weights where native; a local teacher: bf16 on CUDA, fp32 on the CPU)
-    native_bf16 = train.bf16_supported(device)
+    native_bf16 = students.bf16_supported(device)
     teacher_dtype = torch.bfloat16 if cuda else torch.float32
     job_batch, n_text = (4, 8) if cfg.quick else (8, 64)
     rows_list, max_new = ([2, 4], 8) if cfg.quick else ([8, 32], 128)
@@ -1030,7 +1032,7 @@ def main(argv: list[str]) -> list[dict]:
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = time.perf_counter() - start
     report = dict(machine=info, entries=entries)
-    data.atomic_write(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    cli.atomic_write(out / "bench.json", json.dumps(report, indent=2) + "\n")
     print()
     print(table(entries))
     print(f"\n{len(entries)} entries in {info['seconds']:.0f}s, load average {info['loadavg_start'][0]:.2f} at start, "

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama  # noqa: E402
 import t5  # noqa: E402
 import tinyllm  # noqa: E402
-import train  # noqa: E402
+import student as students  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="torch.compile's CPU backend needs a C++ compiler (g++), absent here")
@@ -28,7 +28,7 @@ def test_compiled_t5_step_equals_eager(device):
     config = t5.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                          feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     model = t5.T5(config).to(device).eval()  # no dropout: both runs see the same function
-    student = train.Seq2SeqStudent(model, SimpleNamespace(pad_id=0), torch.device(device), bf16=False)
+    student = students.Seq2SeqStudent(model, SimpleNamespace(pad_id=0), torch.device(device), bf16=False)
     lengths = [(20, 3), (17, 25), (23, 4), (12, 9), (19, 30)]  # answers beside rationales, two and more per bin
     rows = [([int(x) for x in torch.randint(2, 96, (p,))], [int(x) for x in torch.randint(2, 96, (t,))])
             for p, t in lengths]
@@ -42,7 +42,7 @@ def test_compiled_t5_step_equals_eager(device):
         return loss.detach(), grads
 
     eager_loss, eager_grads = step()
-    compiled = train.compile_objective(student)
+    compiled = students.compile_objective(student)
     compiled_loss, compiled_grads = step()
     assert compiled.graphs >= 1 and compiled.seconds > 0  # it did compile (a broken swap would run eager)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)

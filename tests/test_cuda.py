@@ -13,6 +13,7 @@ import data
 import llama
 import t5
 import tinyllm
+import student as students
 import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
@@ -22,7 +23,7 @@ EXAMPLES = [data.Example("q1", "Which one is red, as a rule?", ("grass", "blood"
             data.Example("q3", "Which animal swims in the sea most of its life?", ("fish", "rock", "cat", "dog"), 0)]
 
 
-def rows_of(student: train.Student) -> list[list[tuple[int, list[int], list[int]]]]:
+def rows_of(student: students.Student) -> list[list[tuple[int, list[int], list[int]]]]:
     """Per example, an answer row and a long 'rationale' row: two tasks, targets of very different lengths."""
     return [[(0, student.fit_prompt(ex, "answer", "predict: ", 512), student.encode_target(ex.answer_text)),
              (1, student.fit_prompt(ex, "t", "explain: ", 512),
@@ -35,8 +36,8 @@ def test_bf16_training_step_with_fused_adamw(kind, request):
     """train.py's step on CUDA under bf16 autocast (fp32 master weights, fused AdamW): its Eq. 2 loss is the fp32
     CPU loss within bf16 rounding, the fused update equals the per-tensor one, and a few steps lower the loss."""
     folder = request.getfixturevalue(f"tiny_{kind}")
-    cpu = train.load_student(str(folder), CPU, bf16=False)
-    gpu = train.load_student(str(folder), CUDA, bf16=True)
+    cpu = students.load_student(str(folder), CPU, bf16=False)
+    gpu = students.load_student(str(folder), CUDA, bf16=True)
     assert gpu.bf16, "bf16 autocast must be on for this GPU"
     micro = rows_of(cpu)
     weights = torch.tensor([1.0, 0.5])
@@ -114,7 +115,7 @@ def test_generation_static_cache_and_continuous_batching_on_cuda(kind, tiny_llam
 @pytest.mark.parametrize("kind", ["t5", "llama"])
 def test_rank_scoring_on_cuda(kind, request):
     folder: Path = request.getfixturevalue(f"tiny_{kind}")
-    cpu = train.predict(train.load_student(str(folder), CPU, bf16=False), EXAMPLES, "rank")
-    gpu = train.predict(train.load_student(str(folder), CUDA, bf16=False), EXAMPLES, "rank")
+    cpu = students.predict(students.load_student(str(folder), CPU, bf16=False), EXAMPLES, "rank")
+    gpu = students.predict(students.load_student(str(folder), CUDA, bf16=False), EXAMPLES, "rank")
     for a, b in zip(cpu, gpu):
         assert a["scores"] == pytest.approx(b["scores"], rel=1e-4, abs=1e-4)

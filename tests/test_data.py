@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
 from conftest import REPO
 
@@ -326,7 +327,7 @@ def test_malformed_rows_give_errors_naming_file_and_row(tmp_path, row, problem, 
     else:
         path.write_text("\n".join(json.dumps(r) for r in (good, row)) + "\n")
         where = "row 1 (line 2)"
-    with pytest.raises(data.UserError) as error:
+    with pytest.raises(cli.UserError) as error:
         data.read_examples(path)
     assert str(error.value).startswith(f"{path}: {where}") and problem in str(error.value), str(error.value)
 
@@ -334,17 +335,17 @@ def test_malformed_rows_give_errors_naming_file_and_row(tmp_path, row, problem, 
 def test_broken_json_line_and_empty_file_are_named(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("[]")
-    with pytest.raises(data.UserError, match=rf"{path}: no examples"):
+    with pytest.raises(cli.UserError, match=rf"{path}: no examples"):
         data.read_examples(path)
     path.write_text('{"id": "0", "question": "q", "choices": ["x", "y"], "answer": "x"}\n{"id": "1", \n')
-    with pytest.raises(data.UserError, match=rf"{path}: line 2: not JSON"):
+    with pytest.raises(cli.UserError, match=rf"{path}: line 2: not JSON"):
         data.read_examples(path)
 
 
 def test_unknown_dataset_split_or_file(tmp_path):
-    with pytest.raises(data.UserError, match="unknown dataset 'csqa'"):
+    with pytest.raises(cli.UserError, match="unknown dataset 'csqa'"):
         data.load_split("csqa", "train", tmp_path)
-    with pytest.raises(data.UserError, match="unknown split 'dev'"):
+    with pytest.raises(cli.UserError, match="unknown split 'dev'"):
         data.load_split("arc", "dev", tmp_path)
     with pytest.raises(ValueError, match="not a file of the TinyLLM release"):
         data.fetch("arc/arc_extra.json", tmp_path)
@@ -374,7 +375,7 @@ def test_train_fraction_is_a_seeded_nested_subset_in_file_order(release_data):
     assert data.train_subset(train, 0.25, seed=1) != subsets[0.25]
     splits = data.load_dataset("obqa", release_data, train_fraction=0.5, limit=3)
     assert splits["train"] == subsets[0.5][:3] and len(splits["test"]) == 3
-    with pytest.raises(data.UserError, match=r"--train_fraction=0.0: must be in"):
+    with pytest.raises(cli.UserError, match=r"--train_fraction=0.0: must be in"):
         data.train_subset(train, 0.0)
 
 
@@ -394,7 +395,7 @@ def test_in_context_examples_are_deterministic_and_never_the_example_itself(rele
     assert data.stable_hash(0, "8-343") == 0x668ED8921916F55A
     tiny = pool[:3]
     assert data.in_context_examples(tiny[0], tiny, k=2) in (tiny[1:], tiny[:0:-1])
-    with pytest.raises(data.UserError, match="k=3 in-context examples, but the pool has only 2 other examples"):
+    with pytest.raises(cli.UserError, match="k=3 in-context examples, but the pool has only 2 other examples"):
         data.in_context_examples(tiny[0], tiny, k=3)
     assert data.in_context_examples(tiny[0], tiny, k=0) == []
 
@@ -421,15 +422,15 @@ def test_progress_rewrites_one_line_on_a_terminal_and_prints_plain_lines_in_a_lo
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     terminal = Terminal()
-    progress = data.Progress("obqa test", 4, unit="examples", stream=terminal)
+    progress = cli.Progress("obqa test", 4, unit="examples", stream=terminal)
     for _ in range(4):
         clock.now += 1.0
         progress.update(1)
     assert terminal.getvalue() == "".join(f"\robqa test: {n}/4  1.00 examples/s  ETA 0:00:0{4 - n}" for n in range(1, 5)) + "\n"
-    assert not data.Progress.open_line  # the finished line is ended
+    assert not cli.Progress.open_line  # the finished line is ended
 
     log = io.StringIO()  # not a terminal: the first update, then one line every 5 s, and the last
-    progress = data.Progress("llama-2", 10, unit="rationales", stream=log)
+    progress = cli.Progress("llama-2", 10, unit="rationales", stream=log)
     for n in range(1, 11):
         clock.now += 1.0
         progress.update(1, tokens=20 * n)
@@ -441,11 +442,11 @@ def test_progress_in_bytes_shows_only_for_a_step_longer_than_its_delay(monkeypat
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     log = io.StringIO()
-    quick = data.Progress("small.json", 1000, unit="B", delay=2.0, stream=log)
+    quick = cli.Progress("small.json", 1000, unit="B", delay=2.0, stream=log)
     clock.now += 1.0
     quick.update(1000)
     assert log.getvalue() == ""  # done within the delay: nothing to show
-    slow = data.Progress("big.bin", 3_000_000, unit="B", delay=2.0, stream=log)
+    slow = cli.Progress("big.bin", 3_000_000, unit="B", delay=2.0, stream=log)
     for _ in range(3):
         clock.now += 1.0
         slow.update(1_000_000)
@@ -464,15 +465,15 @@ def test_a_slow_download_shows_its_progress(release, serve_folder, tmp_path, mon
 def test_code_revision_names_the_commit_and_whether_tracked_files_differ(tmp_path):
     """What train.json records as "code": the commit, "-dirty" when a tracked file is edited (an untracked one
     does not count), None outside a git checkout."""
-    assert data.code_revision(tmp_path) is None
+    assert cli.code_revision(tmp_path) is None
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git[:3] + ["init", "-q"], check=True)
     (tmp_path / "train.py").write_text("a\n")
     subprocess.run(git + ["add", "train.py"], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "a"], check=True)
     commit = subprocess.run(git[:3] + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert len(commit) == 40 and data.code_revision(tmp_path) == commit
+    assert len(commit) == 40 and cli.code_revision(tmp_path) == commit
     (tmp_path / "results.json").write_text("{}\n")  # untracked: a run's output, not code
-    assert data.code_revision(tmp_path) == commit
+    assert cli.code_revision(tmp_path) == commit
     (tmp_path / "train.py").write_text("b\n")
-    assert data.code_revision(tmp_path) == commit + "-dirty"
+    assert cli.code_revision(tmp_path) == commit + "-dirty"

@@ -32,6 +32,7 @@ from typing import Callable
 
 import pytest
 
+import cli
 import data
 import tinyllm
 from conftest import REPO, edited_checkpoint, start_server, stop_server
@@ -302,7 +303,7 @@ CASES = [
     Case("eval-scoring-unknown", EVAL + " --model={t5} --scoring=best",
          (r"--scoring='best': expected generate or rank",)),
     Case("eval-split-unknown", EVAL + " --model={t5} --splits=dev", (r"--splits=dev: 'dev' is not one of train, valid, test",)),
-    Case("experiment-seeds-not-integers", "eval.py sweep --seeds='0 x' --out={out}",
+    Case("experiment-seeds-not-integers", "experiments.py sweep --seeds='0 x' --out={out}",
          (r"--seeds='0 x': expected integers", r"SEEDS= for make")),
     # issue 19, 2: a command that runs several things checks every one of them before the first starts
     Case("make-table-bad-seed-after-a-good-one", 'make --no-print-directory table SEEDS="0 x" TEACHERS=t=release:llama-2 '
@@ -312,10 +313,10 @@ CASES = [
          (r"--teachers: u=release:gpt-4: teacher source release:gpt-4: the release has flan-t5-xl, llama-2",)),
     Case("rationales-second-teacher-truncated", RATIONALES + ' --teachers="t=release:llama-2 u={truncated_t5}"',
          (r"--teachers: u=.*truncated-t5: .*truncated-t5/model\.safetensors: truncated or not a safetensors file",)),
-    Case("fractions-cache-of-a-later-row-missing", "eval.py fractions --teachers=t=release:llama-2 --methods='finetune "
+    Case("fractions-cache-of-a-later-row-missing", "experiments.py fractions --teachers=t=release:llama-2 --methods='finetune "
          "tinyllm' --fractions=1 --data={data} --cache={cache} --out={out} --limit=4 --device=cpu --student={t5}",
          (r"no train rationales of teacher 't' in .*cache/obqa/t\.jsonl: run `make rationales`",)),
-    Case("study-data-of-a-later-dataset-missing", "eval.py study --datasets='obqa arc' --methods='finetune lora' "
+    Case("study-data-of-a-later-dataset-missing", "experiments.py study --datasets='obqa arc' --methods='finetune lora' "
          "--teachers=t=release:llama-2 --data={data} --cache={cache} --out={out} --limit=4 --device=cpu --student={t5}",
          (r"arc/arc_\w+\.json: HTTP 404 from http://127\.0\.0\.1:\d+/missing/arc/arc_\w+\.json",),
          env={"TINYLLM_DATA_URL": "{url}/missing"}),
@@ -429,7 +430,7 @@ def test_help_shows_each_flags_rule(capsys):
     import train
 
     with pytest.raises(SystemExit):
-        data.parse_flags(train.TrainConfig, ["--help"])
+        cli.parse_flags(train.TrainConfig, ["--help"])
     lines = capsys.readouterr().out.splitlines()
     for flag, rule in (("--batch_size=8", "[>= 1]"), ("--lr=5e-05", "[> 0]"), ("--train_fraction=1.0", "[in (0, 1]]"),
                        ("--alpha=", "[name=weight ..., each >= 0]"), ("--method=tinyllm", "[one of tinyllm, finetune")):
@@ -471,7 +472,7 @@ def config_class(module: str, name: str) -> type:
 
 HELP = [("tinyllm.py rationales", "tinyllm", "RationalesConfig"), ("train.py", "train", "TrainConfig"),
         ("eval.py", "eval", "EvalConfig"), ("eval.py table", "eval", "TableConfig"),
-        ("tests/bench.py", "bench", "BenchConfig")]
+        ("experiments.py study", "experiments", "StudyConfig"), ("tests/bench.py", "bench", "BenchConfig")]
 
 
 def assert_lists_every_field(help_text: str, command: str, config: type) -> None:
@@ -492,7 +493,7 @@ def defining_class(config: type, name: str) -> type:
 
 
 def test_help_lists_every_field_with_its_type_default_and_comment():
-    """Each script's --help as the user runs it; the other commands of tinyllm.py and eval.py through the same
+    """Each script's --help as the user runs it; the other commands of experiments.py through the same
     main() in this process (the same dispatch, a torch import less each)."""
     with ThreadPoolExecutor(WORKERS) as pool:
         results = list(pool.map(lambda h: subprocess.run([PYTHON, *h[0].split(), "--help"], cwd=REPO, capture_output=True,
@@ -502,10 +503,10 @@ def test_help_lists_every_field_with_its_type_default_and_comment():
         assert_lists_every_field(result.stdout, command, config_class(module, name))
 
 
-@pytest.mark.parametrize("script,command,config", [("eval", "sweep", "SweepConfig"),
-                                                   ("eval", "fractions", "FractionsConfig"),
-                                                   ("eval", "ablations", "AblationsConfig"),
-                                                   ("eval", "report", "ReportConfig")])
+@pytest.mark.parametrize("script,command,config", [("experiments", "sweep", "SweepConfig"),
+                                                   ("experiments", "fractions", "FractionsConfig"),
+                                                   ("experiments", "ablations", "AblationsConfig"),
+                                                   ("experiments", "report", "ReportConfig")])
 def test_help_of_the_other_commands(script, command, config, capsys, monkeypatch):
     module = importlib.import_module(script)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", command, "--help"])
@@ -538,7 +539,7 @@ def test_debug_shows_the_traceback_of_an_expected_failure(world, tmp_path, how):
     result = subprocess.run([PYTHON, "tinyllm.py", "rationales", "--dataset=csqa", *flags], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "Traceback (most recent call last)" in result.stderr and "data.UserError" in result.stderr, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr and "cli.UserError" in result.stderr, result.stderr
     assert result.stderr.rstrip().splitlines()[-1].startswith("error: --dataset=csqa: not one of obqa")
 
 

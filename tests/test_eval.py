@@ -16,6 +16,7 @@ import torch
 import data
 import eval as evaluation
 import prompts
+import student as students
 import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ EXAMPLES = [data.Example("q1", "Which is red?", ("grass", "blood", "sky"), 1),
             data.Example("q4", "Which flies?", ("stone", "bird"), 1)]
 
 
-class HandMadeStudent(train.Student):
+class HandMadeStudent(students.Student):
     """A student whose greedy outputs and option scores are given by hand."""
 
     kind = "hand"
@@ -58,29 +59,29 @@ class HandMadeStudent(train.Student):
 
 def test_accuracy_of_hand_made_outputs():
     student = HandMadeStudent({"q1": "blood", "q2": "fire", "q3": "fish", "q4": "I do not know"})
-    records = train.predict(student, EXAMPLES, "generate")
+    records = students.predict(student, EXAMPLES, "generate")
     assert [r["prediction"] for r in records] == [1, 1, 0, None]
     assert [r["correct"] for r in records] == [True, False, True, False]
-    assert train.accuracy(records) == 0.5
+    assert students.accuracy(records) == 0.5
     assert [r["id"] for r in records] == ["q1", "q2", "q3", "q4"]  # input order, whatever the batching
-    assert train.predict(student, EXAMPLES, "generate", batch_size=1) == records
+    assert students.predict(student, EXAMPLES, "generate", batch_size=1) == records
 
 
 def test_rank_scoring_picks_the_most_likely_option():
     scores = {"q1": [-5.0, -1.0, -3.0], "q2": [-2.0, -0.5], "q3": [-9.0, -1.0, -8.0, -7.0], "q4": [-4.0, -3.0]}
-    records = train.predict(HandMadeStudent({}, scores), EXAMPLES, "rank", batch_size=3)
+    records = students.predict(HandMadeStudent({}, scores), EXAMPLES, "rank", batch_size=3)
     assert [r["prediction"] for r in records] == [1, 1, 1, 1]
-    assert train.accuracy(records) == 0.5
+    assert students.accuracy(records) == 0.5
     assert records[0]["scores"] == scores["q1"]
     with pytest.raises(SystemExit, match="--scoring='best': expected generate or rank"):
-        train.predict(HandMadeStudent({}), EXAMPLES, "best")
+        students.predict(HandMadeStudent({}), EXAMPLES, "best")
 
 
 def test_rank_sum_and_norm_disagree_on_a_hand_made_case():
     """lm-evaluation-harness's acc (summed log-likelihood) favours short options; acc_norm divides by the
     option's length in UTF-8 bytes. q1's options are 5, 5 and 3 bytes; q3's 4, 4, 3, 3."""
     scores = {"q1": [-5.0, -6.0, -4.0], "q2": [-2.0, -4.0], "q3": [-4.0, -9.0, -3.5, -7.0], "q4": [-4.0, -3.0]}
-    records = train.predict(HandMadeStudent({}, scores), EXAMPLES, "rank")
+    records = students.predict(HandMadeStudent({}, scores), EXAMPLES, "rank")
     assert [r["lengths"] for r in records][0] == [5, 5, 3]
     assert [r["prediction_sum"] for r in records] == [2, 0, 2, 1]  # q1: -4 is the largest sum ("sky")
     assert [r["prediction_norm"] for r in records] == [0, 0, 0, 1]  # q1: -5/5 = -1.0 > -4/3; q3: -1.0 > -3.5/3
@@ -94,7 +95,7 @@ def test_rank_sum_and_norm_disagree_on_a_hand_made_case():
 def test_generate_and_rank_in_one_run():
     gold = {"q1": "blood", "q2": "fire", "q3": "fish", "q4": "bird"}
     scores = {"q1": [-5.0, -6.0, -4.0], "q2": [-2.0, -4.0], "q3": [-4.0, -9.0, -3.5, -7.0], "q4": [-4.0, -3.0]}
-    records = train.predict(HandMadeStudent(gold, scores), EXAMPLES, "generate,rank")
+    records = students.predict(HandMadeStudent(gold, scores), EXAMPLES, "generate,rank")
     results = evaluation.split_results(records, ["generate", "rank"])
     assert results == {"accuracy": 0.75, "n": 4, "accuracy_generate": 0.75, "accuracy_sum": 0.5,
                        "accuracy_norm": 0.75}
@@ -108,10 +109,10 @@ def test_rank_scores_equal_one_forward_per_option(kind, request):
     prompt and each option's tokens as one sequence, the way per-option scoring does."""
     from test_train import padded_token_losses
 
-    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
-    records = train.predict(student, EXAMPLES, "rank", batch_size=3)  # padded prompts, a 3 + 1 split
+    student = students.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
+    records = students.predict(student, EXAMPLES, "rank", batch_size=3)  # padded prompts, a 3 + 1 split
     for ex, record in zip(EXAMPLES, records):
-        prompt = student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024)
+        prompt = student.fit_prompt(ex, students.ANSWER_TASK, prompts.ANSWER_PREFIX, 1024)
         options = [student.encode_option(option) for option in ex.options]
         assert record["tokens"] == [len(o) for o in options] and min(record["tokens"]) > 0
         expected = -padded_token_losses(student, [(prompt, option) for option in options])

@@ -1,4 +1,4 @@
-"""The paper's experiments as commands (eval.py sweep / fractions / ablations) and what eval.py makes of
+"""The paper's experiments as commands (experiments.py sweep / fractions / ablations / study) and what it makes of
 them (tables, JSON summaries, figures, report.md): the α sweep (§4.1, Fig. 3), training fractions (Fig. 2)
 and ablations (Table 2). End to end on tiny random weights with the released rationales (LIMIT=4), and on
 hand-made results wherever the numbers (selection on valid, mean ± std over seeds) must come out exact."""
@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 import eval as evaluation
+import experiments
 import tinyllm
 import train
 from conftest import REPO
@@ -128,7 +130,7 @@ def test_make_sweep_two_by_two_end_to_end_then_make_report(workspace, tmp_path):
 
     printed = make("report", f"OUT={out}")
     report = (root / "report.md").read_text()
-    assert "python eval.py sweep" in report and "[sweep.md](sweep.md)" in report and "[sweep.json](sweep.json)" in report
+    assert "python experiments.py sweep" in report and "[sweep.md](sweep.md)" in report and "[sweep.json](sweep.json)" in report
     assert (root / "sweep.md").read_text().strip() in report
     assert ("![α per teacher (§4.1, Fig. 3)](sweep.png)" in report) == HAS_MATPLOTLIB
     for name in names:
@@ -140,17 +142,11 @@ def test_make_sweep_two_by_two_end_to_end_then_make_report(workspace, tmp_path):
         assert f"training curves: not drawn, {evaluation.MATPLOTLIB_HINT}" in printed
 
 
-@pytest.mark.parametrize("command", ["sweep", "fractions", "ablations"])
-def test_the_experiments_once_in_tinyllm_py_say_where_they_are_now(command):
-    with pytest.raises(SystemExit, match=rf"^`python tinyllm.py {command}` is now `python eval.py {command}`"):
-        tinyllm.main([command, "--dataset=obqa"])
-
-
 def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_path, monkeypatch):
     """Killed while evaluating its second run: started again, the first run is kept as is (not trained or
     evaluated again, results.json untouched) and the second is only evaluated; a run whose training had
     saved last/ but not finished continues from it (--resume) instead of starting over."""
-    cfg = data.parse_flags(evaluation.SweepConfig, experiment_flags(workspace, tmp_path, sweep="flan-t5-xl=0,1 llama-2=1"))
+    cfg = cli.parse_flags(experiments.SweepConfig, experiment_flags(workspace, tmp_path, sweep="flan-t5-xl=0,1 llama-2=1"))
     first, second = tmp_path / "obqa" / "sweep" / "flan-t5-xl=0,llama-2=1", tmp_path / "obqa" / "sweep" / "flan-t5-xl=1,llama-2=1"
     real_train, real_evaluate = train.train, evaluation.evaluate
     trained, evaluated, kill = [], [], [True]
@@ -170,14 +166,14 @@ def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_pat
         return real_evaluate(eval_cfg)
 
     monkeypatch.setattr(train, "train", counted_train)
-    monkeypatch.setattr(evaluation, "evaluate", killed_evaluate)
+    monkeypatch.setattr(experiments, "evaluate", killed_evaluate)
     with pytest.raises(Killed):
-        evaluation.sweep(cfg)
+        experiments.sweep(cfg)
     assert [t.out for t in trained] == [str(first), str(second)] and not (second / "results.json").exists()
     finished = (first / "results.json").stat().st_mtime_ns
     trained.clear(), evaluated.clear()
 
-    summary = evaluation.sweep(cfg)
+    summary = experiments.sweep(cfg)
     assert trained == [] and evaluated == [str(second)]  # the second is evaluated, nothing is trained again
     assert (first / "results.json").stat().st_mtime_ns == finished
     assert [row["folder"] for row in summary["rows"]] == [str(first), str(second)]
@@ -187,7 +183,7 @@ def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_pat
     for name in ("train.json", "results.json"):
         (second / name).unlink()
     trained.clear(), evaluated.clear()
-    evaluation.sweep(cfg)
+    experiments.sweep(cfg)
     assert [(t.out, t.resume) for t in trained] == [(str(second), 1)] and evaluated == [str(second)]
     assert (second / "metrics.jsonl").read_text() == steps  # no step trained again
     assert (first / "results.json").stat().st_mtime_ns == finished
@@ -200,8 +196,8 @@ def test_the_sweep_chooses_on_valid_where_valid_and_test_disagree(tmp_path, no_t
     """a=0 b=1 is best on valid (50) and a=1 b=1 on test (60): the sweep picks a=0 b=1."""
     for (a, b), (valid, test) in SWEEP_SCORES.items():
         write_results(tmp_path / "obqa" / "sweep" / f"a={a},b={b}", valid, test)
-    cfg = evaluation.SweepConfig(teachers="a=release:x b=release:y", sweep="a=0,1 b=0,1", out=str(tmp_path))
-    summary = evaluation.sweep(cfg)
+    cfg = experiments.SweepConfig(teachers="a=release:x b=release:y", sweep="a=0,1 b=0,1", out=str(tmp_path))
+    summary = experiments.sweep(cfg)
     assert summary["best"]["alpha"] == {"a": 0, "b": 1} and summary["best"]["alpha_flag"] == "a=0 b=1"
     assert (summary["best"]["valid"], summary["best"]["test"]) == (0.50, 0.40)
     assert max(summary["rows"], key=lambda row: row["test"])["alpha"] == {"a": 1, "b": 1}  # what test would pick
@@ -213,10 +209,10 @@ def test_the_sweep_chooses_on_valid_where_valid_and_test_disagree(tmp_path, no_t
 
 def test_sweep_grid_and_flags_are_checked_before_anything_runs(tmp_path, no_training):
     def sweep(*flags: str) -> None:
-        evaluation.sweep(data.parse_flags(evaluation.SweepConfig, ["--teachers=a=release:x b=release:y",
+        experiments.sweep(cli.parse_flags(experiments.SweepConfig, ["--teachers=a=release:x b=release:y",
                                                                 f"--out={tmp_path}", *flags]))
 
-    assert evaluation.sweep_grid(evaluation.SweepConfig(alphas="0.01,0.1 1"), ["a", "b"]) == {"a": [0.01, 0.1, 1],
+    assert experiments.sweep_grid(experiments.SweepConfig(alphas="0.01,0.1 1"), ["a", "b"]) == {"a": [0.01, 0.1, 1],
                                                                                          "b": [0.01, 0.1, 1]}
     with pytest.raises(SystemExit, match="--sweep gives no α for b: an explicit grid names every teacher"):
         sweep("--sweep=a=0.1,1")
@@ -241,8 +237,8 @@ def test_experiment_rows_over_seeds_give_the_mean_and_sample_standard_deviation(
     """A sweep row over seed<N>/ folders, hand-made: valid 20, 40, 60 -> 40.00 ± 20.00."""
     for seed, (valid, test) in enumerate(((0.2, 0.1), (0.4, 0.1), (0.6, 0.4))):
         write_results(tmp_path / "obqa" / "sweep" / "a=1" / f"seed{seed}", valid, test)
-    cfg = evaluation.SweepConfig(teachers="a=release:x", alphas="1", seeds="0 1 2", out=str(tmp_path))
-    summary = evaluation.sweep(cfg)
+    cfg = experiments.SweepConfig(teachers="a=release:x", alphas="1", seeds="0 1 2", out=str(tmp_path))
+    summary = experiments.sweep(cfg)
     row = summary["rows"][0]
     assert row["runs"] == 3 and summary["seeds"] == [0, 1, 2]
     assert row["valid"] == pytest.approx(0.4) and row["valid_std"] == pytest.approx(0.2)
@@ -255,10 +251,10 @@ def test_experiment_rows_over_seeds_give_the_mean_and_sample_standard_deviation(
 def test_fractions_with_seeds_end_to_end(workspace, tmp_path, capsys):
     """Fig. 2 with SEEDS: fractions/<method>/<fraction>/seed<N>/, each trained on its fraction with its seed;
     the table and fractions.json hold the mean and standard deviation of the seeds' results."""
-    cfg = data.parse_flags(evaluation.FractionsConfig, experiment_flags(
+    cfg = cli.parse_flags(experiments.FractionsConfig, experiment_flags(
         workspace, tmp_path, teachers="llama-2=release:llama-2", fractions="1 0.5", methods="dss finetune",
         seeds="0 1"))
-    summary = evaluation.fractions(cfg)
+    summary = experiments.fractions(cfg)
     assert [(row["run"], row["fraction"]) for row in summary["rows"]] == [
         ("dss-llama-2", 0.5), ("dss-llama-2", 1.0), ("finetune", 0.5), ("finetune", 1.0)]
     for row in summary["rows"]:
@@ -283,7 +279,7 @@ def test_ablations_with_release_teachers_say_they_cannot_be_re_prompted(tmp_path
     root = tmp_path / "obqa" / "ablations"
     for name, accuracy in (("tinyllm", 0.60), ("without-a", 0.50), ("without-b", 0.55)):
         write_results(root / name, accuracy, accuracy)
-    summary = evaluation.ablations(evaluation.AblationsConfig(teachers="a=release:flan-t5-xl b=release:llama-2",
+    summary = experiments.ablations(experiments.AblationsConfig(teachers="a=release:flan-t5-xl b=release:llama-2",
                                                         out=str(tmp_path)))
     assert [row["name"] for row in summary["rows"]] == ["tinyllm", "without-a", "without-b", "k0", "teacher_forcing0"]
     printed = capsys.readouterr().out
@@ -300,9 +296,9 @@ def test_ablations_with_a_live_teacher_re_prompt_into_their_own_caches(workspace
     teachers = f"tiny={workspace['student']}"
     tinyllm.rationales(tinyllm.RationalesConfig(teachers=teachers, data=str(workspace["data"]), cache=str(cache),
                                                 limit=4, device="cpu", max_new_tokens=8))
-    cfg = data.parse_flags(evaluation.AblationsConfig, experiment_flags(
+    cfg = cli.parse_flags(experiments.AblationsConfig, experiment_flags(
         workspace, tmp_path / "out", teachers=teachers, cache=cache, rationales_args="--max_new_tokens=8"))
-    summary = evaluation.ablations(cfg)
+    summary = experiments.ablations(cfg)
     rows = {row["name"]: row for row in summary["rows"]}
     assert list(rows) == ["tinyllm", "without-tiny", "k0", "teacher_forcing0"]
     main = tinyllm.load_rationales(cache, "obqa", "tiny")
@@ -340,12 +336,12 @@ def run_every_summary(out: Path) -> None:
     (root / "tinyllm" / "seed0" / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in log + [{"step": 4, "valid_accuracy": 0.55}]))
     teachers = "a=release:flan-t5-xl b=release:llama-2"
-    evaluation.sweep(evaluation.SweepConfig(teachers=teachers, sweep="a=0,1 b=0,1", out=str(out)))
-    evaluation.fractions(evaluation.FractionsConfig(teachers=teachers, fractions="0.5 1", methods="tinyllm finetune",
+    experiments.sweep(experiments.SweepConfig(teachers=teachers, sweep="a=0,1 b=0,1", out=str(out)))
+    experiments.fractions(experiments.FractionsConfig(teachers=teachers, fractions="0.5 1", methods="tinyllm finetune",
                                               out=str(out)))
-    evaluation.ablations(evaluation.AblationsConfig(teachers=teachers, out=str(out)))
+    experiments.ablations(experiments.AblationsConfig(teachers=teachers, out=str(out)))
     evaluation.main(["table", f"--out={out}"])
-    evaluation.main(["report", f"--out={out}"])
+    experiments.main(["report", f"--out={out}"])
 
 
 FIGURES = {"table.png": "table", "sweep.png": "sweep", "fractions.png": "fractions", "ablations.png": "ablations",
@@ -408,8 +404,8 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
             for seed, correct in enumerate(seeds):
                 write_predictions(root / dataset / method / f"seed{seed}",
                                   {f"{dataset}-{i}": bool(c) for i, c in enumerate(correct)})
-    cfg = evaluation.StudyConfig(datasets="obqa arc", seeds="0 1 2", out=str(tmp_path), train=0, resamples=4000)
-    summary = evaluation.study(cfg)
+    cfg = experiments.StudyConfig(datasets="obqa arc", seeds="0 1 2", out=str(tmp_path), train=0, resamples=4000)
+    summary = experiments.study(cfg)
     # by hand: obqa over seeds 0 and 1; arc over seeds 0 and 1 only (tinyllm has no seed 2)
     obqa_diff = np.array([(a + b) / 2 - (c + d) / 2 for a, b, c, d in zip(*obqa["tinyllm"], *obqa["finetune"])])
     arc_diff = np.array([(a + b) / 2 - (c + d) / 2 for a, b, c, d in zip(*arc["tinyllm"], *arc["finetune"][:2])])
@@ -459,8 +455,8 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
 
 def test_study_before_any_run_writes_the_empty_table(tmp_path, no_training, capsys):
     """--train=0 on an out folder no run has written yet: the table of what is missing, not a write error."""
-    cfg = evaluation.StudyConfig(datasets="obqa arc", seeds="0 1", out=str(tmp_path / "fresh"), train=0, resamples=10)
-    summary = evaluation.study(cfg)
+    cfg = experiments.StudyConfig(datasets="obqa arc", seeds="0 1", out=str(tmp_path / "fresh"), train=0, resamples=10)
+    summary = experiments.study(cfg)
     assert summary["analysis"]["pooled"] is None
     assert ("not finished yet (the same command continues): obqa/finetune/seed0, obqa/finetune/seed1, "
             "obqa/tinyllm/seed0, obqa/tinyllm/seed1, arc/finetune/seed0, arc/finetune/seed1, arc/tinyllm/seed0, "
@@ -478,9 +474,9 @@ def test_the_committed_study_rebuilds_its_table_and_the_readme_quotes_its_verdic
                     ignore=shutil.ignore_patterns("study.md", "study.json", "study.png"))
     summary = json.loads((committed / "study.json").read_text())
     command = shlex.split(summary["command"])
-    assert command[:3] == ["python", "eval.py", "study"] and "--out=results" in command and "--train=0" in command
+    assert command[:3] == ["python", "experiments.py", "study"] and "--out=results" in command and "--train=0" in command
     monkeypatch.chdir(tmp_path)
-    evaluation.main(command[2:])
+    experiments.main(command[2:])
     rebuilt = tmp_path / "results" / "study"
     assert (rebuilt / "study.md").read_text() == (committed / "study.md").read_text()
     assert json.loads((rebuilt / "study.json").read_text()) == summary
@@ -504,11 +500,11 @@ def two_datasets(workspace) -> dict[str, Path]:
 
 
 def test_make_study_two_datasets_two_seeds_resumes_after_a_kill(two_datasets, tmp_path, monkeypatch):
-    """eval.py study trains fine-tuning and TinyLLM on two datasets with two seeds, seed by seed; killed while
+    """experiments.py study trains fine-tuning and TinyLLM on two datasets with two seeds, seed by seed; killed while
     evaluating its sixth run, `make study` with the same variables trains and evaluates only what is missing
     (finished runs' files untouched), then writes study.{json,md,png} over all 8 runs."""
     workspace = two_datasets
-    cfg = data.parse_flags(evaluation.StudyConfig, experiment_flags(workspace, tmp_path, datasets="obqa arc",
+    cfg = cli.parse_flags(experiments.StudyConfig, experiment_flags(workspace, tmp_path, datasets="obqa arc",
                                                                     seeds="0 1"))
     root = tmp_path / "study"
     order = [root / d / m / f"seed{s}" for s in (0, 1) for d in ("obqa", "arc") for m in ("finetune", "tinyllm")]
@@ -523,9 +519,9 @@ def test_make_study_two_datasets_two_seeds_resumes_after_a_kill(two_datasets, tm
             raise Killed
         return real_evaluate(eval_cfg)
 
-    monkeypatch.setattr(evaluation, "evaluate", killed_evaluate)
+    monkeypatch.setattr(experiments, "evaluate", killed_evaluate)
     with pytest.raises(Killed):
-        evaluation.study(cfg)
+        experiments.study(cfg)
     assert evaluated == order[:6]  # seed by seed: whole seeds first
     kept = {run: (run / "results.json").stat().st_mtime_ns for run in order[:5]}
     steps = {run: (run / "metrics.jsonl").read_text() for run in order[:6]}

@@ -7,7 +7,8 @@ import subprocess
 
 from conftest import REPO, make_tiny_t5
 
-RUNTIME_SCRIPTS = ["tinyllm.py", "t5.py", "llama.py", "data.py", "prompts.py", "train.py", "eval.py"]
+RUNTIME_SCRIPTS = ["tinyllm.py", "t5.py", "llama.py", "cli.py", "data.py", "prompts.py", "student.py", "train.py",
+                   "eval.py", "experiments.py"]
 RUNTIME_PACKAGES = {"torch", "sentencepiece", "safetensors", "numpy", "requests"}
 # jinja2 (chat templates) is itself a dependency of torch, so it costs nothing extra.
 TORCH_DEPENDENCIES = {"jinja2"}
@@ -17,11 +18,12 @@ LAZY_PACKAGES = {"tokenizers", "matplotlib"}
 # The top-level modules by floor, the ground first. A module imports only modules on floors below its own, at the
 # top of the file: no import circle, and every file reads with only what it stands on.
 FLOORS = [("t5", "llama"),  # the models: no project import at all, each stands alone
-          ("data",),  # datasets and checkpoints in; the flags, errors, files and devices every script shares
+          ("cli",),  # the command line every script shares: flags, errors, progress, whole files, devices
+          ("data",),  # datasets and checkpoints in
           ("prompts",),  # every prompt and the parsing of model text
-          ("tinyllm",),  # the teachers and the rationale cache
-          ("train",),  # the student and its training loop
-          ("eval",)]  # evaluation, the tables and figures, and the experiments that fill them
+          ("tinyllm", "student"),  # the teachers and the rationale cache; the student model, its loss and answers
+          ("train", "eval"),  # the method and its training loop; evaluation, Table 1 and the paired statistics
+          ("experiments",)]  # the paper's experiments and the study: runs of both, their tables and figures
 MAKE_VARIABLES = ["DATASET", "TEACHERS", "STUDENT", "ALPHA", "METHOD", "DEVICE", "LIMIT", "DATA", "CACHE", "OUT",
                   "SEEDS", "ALPHAS", "SWEEP", "FRACTIONS", "METHODS"]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import data
 import tinyllm
 
@@ -83,7 +84,7 @@ def test_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):
     assert [r["id"] for r in lines(path)] == ["a", "b", "c"]
 
     path.write_text(path.read_text().replace('"id": "b"', '"id": b'))  # damage that is not a crash
-    with pytest.raises(data.UserError, match=r"t\.jsonl:2: not a JSON record"):
+    with pytest.raises(cli.UserError, match=r"t\.jsonl:2: not a JSON record"):
         tinyllm.load_rationales(tmp_path, "obqa", "t")
 
 
@@ -438,7 +439,7 @@ def test_hub_resumes_an_interrupted_download_and_checks_sha256(hub, tmp_path):
 
     hub.add("org/bad", "main", BASE_FILES)
     hub.hooks["/org/bad/resolve/main/model.safetensors"] = lambda h: reply_bytes(h, WEIGHTS, etag="0" * 64)
-    with pytest.raises(data.UserError, match="org/bad@main: model.safetensors does not match the sha256"):
+    with pytest.raises(cli.UserError, match="org/bad@main: model.safetensors does not match the sha256"):
         data.resolve_model("org/bad")
 
 
@@ -452,18 +453,18 @@ def reply_bytes(handler, content: bytes, etag: str) -> None:
 
 def test_hub_missing_files_and_denied_access_are_clear_errors(hub):
     hub.add("org/noconfig", "main", {"spiece.model": b"x", "model.safetensors": WEIGHTS})
-    with pytest.raises(data.UserError, match=r"org/noconfig@main: config.json not found \(404 from http://127"):
+    with pytest.raises(cli.UserError, match=r"org/noconfig@main: config.json not found \(404 from http://127"):
         data.resolve_model("org/noconfig")
     hub.add("org/noweights", "main", BASE_FILES)
-    with pytest.raises(data.UserError, match="org/noweights@main: neither model.safetensors nor model.safetensors.index"):
+    with pytest.raises(cli.UserError, match="org/noweights@main: neither model.safetensors nor model.safetensors.index"):
         data.resolve_model("org/noweights")
     hub.add("org/notokenizer", "main", {"config.json": b"{}", "model.safetensors": WEIGHTS})
-    with pytest.raises(data.UserError, match="org/notokenizer@main: no tokenizer file"):
+    with pytest.raises(cli.UserError, match="org/notokenizer@main: no tokenizer file"):
         data.resolve_model("org/notokenizer")
     hub.hooks["/org/gated/resolve/main/config.json"] = lambda h: h.send_error(401)
-    with pytest.raises(data.UserError, match="org/gated@main: access denied .401.*HF_TOKEN"):
+    with pytest.raises(cli.UserError, match="org/gated@main: access denied .401.*HF_TOKEN"):
         data.resolve_model("org/gated")
-    with pytest.raises(data.UserError, match="not a folder, and not a hub id"):
+    with pytest.raises(cli.UserError, match="not a folder, and not a hub id"):
         data.resolve_model("no/such/folder")
 
 
@@ -566,7 +567,7 @@ def test_load_model_reads_the_kind_from_config(tiny_t5, tiny_llama, tmp_path, hu
     bad = tmp_path / "bert"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(data.UserError, match=r"bert/config.json: .*bert"):
+    with pytest.raises(cli.UserError, match=r"bert/config.json: .*bert"):
         data.load_model(str(bad))
 
 

@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 import prompts
 import t5
+import student as students
 import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,19 +80,19 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).norm() / reference.norm().clamp(min=1e-30)).item()
 
 
-def padded_token_losses(student: train.Student, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+def padded_token_losses(student: students.Student, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """The reference: every row in one right-padded forward over full (R, T, vocab) logits, cross-entropy at
     every label position (version 1's fused forward). (R,) summed over each row's target tokens."""
     model = student.module
     if student.kind == "t5":
-        input_ids = train.pad([p for p, _ in rows], 0)
-        mask = train.pad([[1] * len(p) for p, _ in rows], 0)
-        labels = train.pad([t for _, t in rows], -100)
+        input_ids = students.pad([p for p, _ in rows], 0)
+        mask = students.pad([[1] * len(p) for p, _ in rows], 0)
+        labels = students.pad([t for _, t in rows], -100)
         logits = model(input_ids, mask, t5.shift_right(labels, 0, 0))
     else:
-        input_ids = train.pad([p + t for p, t in rows], student.tokenizer.pad_id)
-        mask = train.pad([[1] * (len(p) + len(t)) for p, t in rows], 0)
-        labels = train.pad([[-100] * len(p) + t for p, t in rows], -100)[:, 1:]
+        input_ids = students.pad([p + t for p, t in rows], student.tokenizer.pad_id)
+        mask = students.pad([[1] * (len(p) + len(t)) for p, t in rows], 0)
+        labels = students.pad([[-100] * len(p) + t for p, t in rows], -100)[:, 1:]
         logits = model(input_ids, mask)[:, :-1]
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
     return losses.view(labels.shape).sum(1)
@@ -108,7 +110,7 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
     step), and each task's loss is the plain mean token cross-entropy of that task's rows alone. Rows of
     different lengths, an example without one rationale (t2's degenerate one), chat and plain formats."""
     fixture, fmt = STUDENT_FORMATS[kind]
-    student = train.load_student(str(request.getfixturevalue(fixture)), torch.device("cpu"), bf16=False, **fmt)
+    student = students.load_student(str(request.getfixturevalue(fixture)), torch.device("cpu"), bf16=False, **fmt)
     cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, max_target_tokens=40)
     examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
     tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
@@ -118,7 +120,7 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
     assert len({t for t, _, _ in flat}) == 3 and len(flat) == 3 * LIMIT - 1  # t2's degenerate one is out
     assert [len(example) for example in micro] == [3, 2, 3, 3]
     pairs = [(p, tgt) for _, p, tgt in flat]
-    monkeypatch.setattr(train, "PACK_MULTIPLE", 128)  # T5: wide bins, so that these similar rows share them
+    monkeypatch.setattr(students, "PACK_MULTIPLE", 128)  # T5: wide bins, so that these similar rows share them
     batch = student.collate([[(p, tgt) for _, p, tgt in example] for example in micro])[0]
     if kind == "t5":
         assert batch["input_ids"].shape[0] < len(pairs)  # several rows share a bin: the mask keeps them apart
@@ -130,12 +132,12 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
             assert slots < sum(len(p) + len(t) for p, t in pairs) - sum(len(ex[1][1]) for ex in micro)
     weights = torch.tensor([1.0, 0.7, 0.3])
     task_tokens = torch.tensor(task_tokens, dtype=torch.float)
-    train.CE_CHUNK, chunk = 7, train.CE_CHUNK  # several chunks, the last one partial
+    students.CE_CHUNK, chunk = 7, students.CE_CHUNK  # several chunks, the last one partial
     try:
         loss, task_losses = train.micro_batch_loss(student, micro, weights, task_tokens, world=1)
         loss.backward()
     finally:
-        train.CE_CHUNK = chunk
+        students.CE_CHUNK = chunk
     ours = {k: p.grad.clone() for k, p in student.module.named_parameters()}
     student.module.zero_grad(set_to_none=True)
 
@@ -157,7 +159,7 @@ def test_step_loss_and_gradients_equal_one_padded_forward(kind, request, data_di
 
 @pytest.mark.parametrize("kind", ["t5", "llama"])
 def test_activation_checkpointing_leaves_gradients_unchanged(kind, request, data_dir, cache_dir):
-    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
+    student = students.load_student(str(request.getfixturevalue(f"tiny_{kind}")), torch.device("cpu"), bf16=False)
     cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir)
     examples = data.load_split("obqa", "train", data_dir, limit=2)
     tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
@@ -179,16 +181,16 @@ def test_activation_checkpointing_leaves_gradients_unchanged(kind, request, data
 
 
 def test_packing():
-    bins = train.pack_rows([(n,) for n in (72, 13, 14, 61, 50, 20)])
+    bins = students.pack_rows([(n,) for n in (72, 13, 14, 61, 50, 20)])
     assert bins == [[0], [3], [4, 5], [2, 1]]  # first-fit decreasing into bins of the longest row
     assert sorted(sum(bins, [])) == list(range(6))
     # T5: (prompt, target) rows; a long rationale's bin takes short answers' prompts beside its own
     sizes = [(30, 3), (28, 60), (30, 4), (29, 50), (31, 2)]
-    bins, (encoder_width, decoder_width) = train.pack_prompts_and_targets(sizes)
+    bins, (encoder_width, decoder_width) = students.pack_prompts_and_targets(sizes)
     assert sorted(sum(bins, [])) == list(range(5)) and len(bins) < len(sizes)
     for members in bins:
         assert sum(sizes[i][0] for i in members) <= encoder_width and sum(sizes[i][1] for i in members) <= decoder_width
-    assert encoder_width % train.PACK_MULTIPLE == decoder_width % train.PACK_MULTIPLE == 0
+    assert encoder_width % students.PACK_MULTIPLE == decoder_width % students.PACK_MULTIPLE == 0
 
 
 @pytest.mark.parametrize("kind,method", [("t5", m) for m in ("tinyllm", "finetune", "kd", "dss", "lora")]
@@ -296,12 +298,13 @@ DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 import data, train
+import student as students
 from torch import nn
 rank, world, device = train.setup_distributed("cpu")
 cfg = train.TrainConfig(**{cfg!r})
 examples = data.load_split("obqa", "train", cfg.data, limit=cfg.limit)
 tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
-student = train.load_student(cfg.student, device, bf16=False)
+student = students.load_student(cfg.student, device, bf16=False)
 rows = train.encode_rows(student, examples, tasks, cfg)
 student.train_objective = nn.parallel.DistributedDataParallel(student.objective)
 micro_batches, task_tokens, _ = train.shard_step(rows, list(range(cfg.limit)), len(tasks), rank, world, cfg.grad_accum)
@@ -329,7 +332,7 @@ def test_ddp_two_gloo_processes_match_single_process_gradients(tiny_t5, tmp_path
     def single_process(grad_accum: int) -> dict[str, torch.Tensor]:
         examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
         tasks = train.build_tasks(cfg, examples, log=lambda *a, **k: None)
-        student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
+        student = students.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
         rows = train.encode_rows(student, examples, tasks, cfg)
         micro_batches, task_tokens, _ = train.shard_step(rows, list(range(LIMIT)), len(tasks), 0, 1, grad_accum)
         for micro in micro_batches:
@@ -362,12 +365,12 @@ def test_out_of_memory_suggests_a_smaller_batch(tiny_t5, tmp_path, data_dir, cac
 
 
 def test_truncation_keeps_the_options_and_the_end_of_the_question(tiny_t5):
-    student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
+    student = students.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
     question = " ".join(f"w{i}" for i in range(400)) + " which option is right?"
     ex = data.Example("x", question, ("alpha option", "beta option", "gamma option"), 1)
     full = student.encode_prompt(prompts.student_input(ex, prompts.ANSWER_PREFIX))
-    assert student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, len(full)) == full  # fits: untouched
-    ids = student.fit_prompt(ex, train.ANSWER_TASK, prompts.ANSWER_PREFIX, 96)
+    assert student.fit_prompt(ex, students.ANSWER_TASK, prompts.ANSWER_PREFIX, len(full)) == full  # fits: untouched
+    ids = student.fit_prompt(ex, students.ANSWER_TASK, prompts.ANSWER_PREFIX, 96)
     text = student.tokenizer.decode(ids)
     assert len(ids) <= 96 and len(ids) >= 80, len(ids)
     assert text.startswith(prompts.ANSWER_PREFIX.strip()), text  # the task prefix survives
@@ -411,8 +414,8 @@ def test_inference_trains_nothing(tmp_path, capsys):
 
 
 def test_decoder_only_prompts_leave_room_for_the_target(tiny_llama):
-    student = train.load_student(str(tiny_llama), torch.device("cpu"), bf16=False)  # 1024 positions
-    room = 1024 - 256 - train.TASK_LINE_TOKENS  # the task line comes on top of --max_input_tokens
+    student = students.load_student(str(tiny_llama), torch.device("cpu"), bf16=False)  # 1024 positions
+    room = 1024 - 256 - students.TASK_LINE_TOKENS  # the task line comes on top of --max_input_tokens
     assert student.prompt_limit(1024, 256) == room and student.prompt_limit(512, 256) == 512
     with pytest.raises(SystemExit, match="no room for a prompt"):
         student.prompt_limit(1024, 1024)
@@ -421,7 +424,7 @@ def test_decoder_only_prompts_leave_room_for_the_target(tiny_llama):
 def test_checkpoint_survives_a_kill_between_the_renames(tiny_t5, tmp_path, monkeypatch):
     """save_checkpoint moves the old folder aside, then renames the new one in: a kill between the two
     leaves no `last/`. recover_checkpoint (run at every start) puts the old checkpoint back."""
-    student = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
+    student = students.load_student(str(tiny_t5), torch.device("cpu"), bf16=False)
     folder = tmp_path / "last"
     train.save_checkpoint(student, folder, {"step": 1})
     real_replace = train.os.replace  # os.replace itself: the models' file writes use it too
@@ -466,7 +469,7 @@ def test_decoder_only_boundary_is_the_same_in_training_generation_and_ranking(ch
     """fit_prompt builds every input: the answer rows trained on, the prompts answers are generated from and
     the prompts options are ranked after are the same ids, ending with the boundary line (in the chat
     template's user turn, followed by the assistant header, with --chat=1)."""
-    student = train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, chat=chat)
+    student = students.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, chat=chat)
     assert student.chat == bool(chat) and student.with_boundary and student.input_format() == ["boundary", "chat"][chat]
     cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, max_target_tokens=200)
     examples = data.load_split("obqa", "train", data_dir, limit=2)
@@ -476,7 +479,7 @@ def test_decoder_only_boundary_is_the_same_in_training_generation_and_ranking(ch
     monkeypatch.setattr(student, "generate", lambda p, n: seen["generate"].extend(p) or [""] * len(p))
     monkeypatch.setattr(student, "score_options",
                         lambda p, o: seen["rank"].extend(p) or [[0.0] * len(x) for x in o])
-    train.predict(student, examples, "generate,rank", max_new_tokens=cfg.max_target_tokens)
+    students.predict(student, examples, "generate,rank", max_new_tokens=cfg.max_target_tokens)
     answer_rows = [prompt for example_rows in rows for t, prompt, _ in example_rows if t == 0]
     assert seen["generate"] == seen["rank"] == answer_rows
     decode = student.tokenizer.decode
@@ -494,25 +497,25 @@ def test_decoder_only_boundary_is_the_same_in_training_generation_and_ranking(ch
 
 
 def test_decoder_only_format_is_saved_with_the_checkpoint(tiny_chat_llama, tiny_t5, tmp_path):
-    student = train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, chat=0, boundary=0)
+    student = students.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, chat=0, boundary=0)
     assert student.input_format() == "plain"
     student.save_pretrained(tmp_path / "ckpt")
-    again = train.load_student(str(tmp_path / "ckpt"), torch.device("cpu"), bf16=False)  # -1: the checkpoint's
+    again = students.load_student(str(tmp_path / "ckpt"), torch.device("cpu"), bf16=False)  # -1: the checkpoint's
     assert (again.chat, again.with_boundary, again.task_prefix) == (False, False, True)  # plain keeps p_A / p_m
-    fresh = train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False)
+    fresh = students.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False)
     assert fresh.input_format() == "chat" and not fresh.task_prefix  # the default: the shared prompt
     fresh.save_pretrained(tmp_path / "shared")
-    assert json.loads((tmp_path / "shared" / train.STUDENT_FORMAT).read_text())["task_prefix"] is False
+    assert json.loads((tmp_path / "shared" / students.STUDENT_FORMAT).read_text())["task_prefix"] is False
     # version 2's checkpoints say nothing of the prefix: they were trained with it, and are scored with it
-    (tmp_path / "shared" / train.STUDENT_FORMAT).write_text(json.dumps({"chat": True, "boundary": True}))
-    old = train.load_student(str(tmp_path / "shared"), torch.device("cpu"), bf16=False)
+    (tmp_path / "shared" / students.STUDENT_FORMAT).write_text(json.dumps({"chat": True, "boundary": True}))
+    old = students.load_student(str(tmp_path / "shared"), torch.device("cpu"), bf16=False)
     assert old.task_prefix and old.input_format() == "chat+prefix"
     with pytest.raises(SystemExit, match="--chat=1: the student .* has no chat template"):
-        train.student_format(tmp_path, SimpleNamespace(chat_template=None), 1, -1, -1)
+        students.student_format(tmp_path, SimpleNamespace(chat_template=None), 1, -1, -1)
     with pytest.raises(SystemExit, match="nothing in the input would say which task"):
-        train.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, boundary=0, task_prefix=0)
+        students.load_student(str(tiny_chat_llama), torch.device("cpu"), bf16=False, boundary=0, task_prefix=0)
     with pytest.raises(SystemExit, match="for decoder-only students"):
-        train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False, chat=1)
+        students.load_student(str(tiny_t5), torch.device("cpu"), bf16=False, chat=1)
 
 
 @pytest.mark.parametrize("kind, lora", [("t5", False), ("llama", False), ("llama", True)])
@@ -523,21 +526,21 @@ def test_validation_scores_the_model_eval_py_loads(kind, lora, request, data_dir
     this runs on any CPU."""
     import eval as evaluation
 
-    for module in (train, evaluation):
+    for module in (students, evaluation):
         monkeypatch.setattr(module, "bf16_supported", lambda device: True)
     cpu = torch.device("cpu")
-    student = train.load_student(str(request.getfixturevalue(f"tiny_{kind}")), cpu, bf16=True)
+    student = students.load_student(str(request.getfixturevalue(f"tiny_{kind}")), cpu, bf16=True)
     if lora:  # adapters that matter (B starts at zero); the checkpoint holds them merged
-        train.add_lora(student.module, 4, 8.0)
+        students.add_lora(student.module, 4, 8.0)
         for module in student.module.modules():
-            if isinstance(module, train.LoRALinear):
+            if isinstance(module, students.LoRALinear):
                 torch.nn.init.normal_(module.lora_B, std=0.05)
     weights = {name: value.clone() for name, value in student.module.state_dict().items()}
     examples = data.load_split("obqa", "valid", data_dir, limit=6)
-    validated = train.predict(train.inference_student(student), examples, "rank,generate", max_new_tokens=6)
+    validated = students.predict(students.inference_student(student), examples, "rank,generate", max_new_tokens=6)
     assert all(value.dtype == torch.float32 and torch.equal(value, weights[name])
                for name, value in student.module.state_dict().items())
-    autocast_only = train.predict(student, examples, "rank,generate", max_new_tokens=6)
+    autocast_only = students.predict(student, examples, "rank,generate", max_new_tokens=6)
     assert [r["scores"] for r in autocast_only] != [r["scores"] for r in validated]  # the rounding shows
 
     train.save_checkpoint(student, tmp_path / "best")
@@ -602,7 +605,7 @@ def test_task_rows_share_the_tokens_of_the_shared_text(name, chat, assets, data_
     tokenizer = llama.Tokenizer(tokenizer_folder(name, assets, tmp_path, texts))
     model = llama.Llama(llama.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=8,
                                           num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1))
-    student = train.DecoderOnlyStudent(model, tokenizer, torch.device("cpu"), False, chat=bool(chat))
+    student = students.DecoderOnlyStudent(model, tokenizer, torch.device("cpu"), False, chat=bool(chat))
     tasks = [("answer", prompts.ANSWER_PREFIX), ("flan-t5-xl", "explain: "), ("llama-2", "rationale: ")]
     for ex in examples:
         rows = [student.fit_prompt(ex, task, prefix, 1024) for task, prefix in tasks]
@@ -652,7 +655,7 @@ def optimizer_steps():
 
 def parameter_names(student_folder: Path) -> list[str]:
     """The names of the student's trainable parameters, in the order AdamW holds them."""
-    student = train.load_student(str(student_folder), torch.device("cpu"), bf16=False)
+    student = students.load_student(str(student_folder), torch.device("cpu"), bf16=False)
     return [name for name, p in student.module.named_parameters() if p.requires_grad]
 
 
@@ -684,13 +687,13 @@ def test_alpha_weights_each_teachers_loss_end_to_end(tiny_t5, tmp_path, data_dir
         tasks[t] = [(prompts.student_input(ex, prompts.teacher_prefix(t)), cache[t][ex.id]["rationale"])
                     for ex in examples if not cache[t][ex.id]["degenerate"]]
     assert [len(rows) for rows in tasks.values()] == [LIMIT, LIMIT, LIMIT - 1]
-    tokenizer = train.load_student(str(tiny_t5), torch.device("cpu"), bf16=False).tokenizer
+    tokenizer = students.load_student(str(tiny_t5), torch.device("cpu"), bf16=False).tokenizer
     reference = transformers.T5ForConditionalGeneration.from_pretrained(tiny_t5)
     task_losses = {}
     for name, rows in tasks.items():
-        input_ids = train.pad([tokenizer.encode(text) for text, _ in rows], 0)
-        mask = train.pad([[1] * len(tokenizer.encode(text)) for text, _ in rows], 0)
-        labels = train.pad([tokenizer.encode(target) for _, target in rows], -100)
+        input_ids = students.pad([tokenizer.encode(text) for text, _ in rows], 0)
+        mask = students.pad([[1] * len(tokenizer.encode(text)) for text, _ in rows], 0)
+        labels = students.pad([tokenizer.encode(target) for _, target in rows], -100)
         task_losses[name] = reference(input_ids=input_ids, attention_mask=mask, labels=labels).loss  # token mean
     (task_losses["answer"] + sum(alpha[t] * task_losses[t] for t in TEACHERS)).backward()
     expected = dict(reference.named_parameters())
@@ -728,7 +731,7 @@ def test_best_is_the_step_with_the_highest_valid_accuracy(tiny_t5, tmp_path, dat
     assert [r["valid_accuracy"] for r in records if "valid_accuracy" in r] == [c / LIMIT for c in correct_per_eval]
     summary = json.loads((out / "train.json").read_text())
     assert (summary["best_step"], summary["best_valid_accuracy"]) == (2, 0.75)
-    assert summary["code"] == data.code_revision() and summary["code"] is not None  # this checkout's commit
+    assert summary["code"] == cli.code_revision() and summary["code"] is not None  # this checkout's commit
 
     names = parameter_names(tiny_t5)
     best, last = checkpoint_tensors(out / "best"), checkpoint_tensors(out / "last")
