@@ -249,12 +249,17 @@ def one_of(*choices: object) -> Rule:
     return Rule(f"one of {listed}", lambda v: None if v in choices else f"not one of {listed}")
 
 
+def split_list(value: str) -> list[str]:
+    """"a, b c" -> ["a", "b", "c"]: a list flag's items, comma- or space-separated."""
+    return [item for item in re.split(r"[,\s]+", value) if item]
+
+
 def some_of(*choices: str, at_least_one: bool = True) -> Rule:
     """A comma- or space-separated list of `choices`, each at most once."""
     listed = ", ".join(choices)
 
     def test(value: str) -> str | None:
-        items = [item for item in re.split(r"[,\s]+", value) if item]
+        items = split_list(value)
         unknown = [item for item in items if item not in choices]
         if unknown:
             return f"{unknown[0]!r} is not one of {listed}"

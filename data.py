@@ -394,19 +394,6 @@ def rationale_files(dataset: str, split: str) -> list[str]:
     return sorted(files, key=lambda rel: int(rel[len(prefix):-len(".json")]))
 
 
-def download(dataset: str, data_dir: str | Path = "data", base_url: str | None = None,
-             rationales: bool = False) -> Path:
-    """Fetch a dataset's three split files (and with rationales=True the release's teacher rationales)
-    from base_url, else $TINYLLM_DATA_URL (http(s)://, file:// or a folder), else the release commit,
-    into data_dir/<dataset>/. Returns that folder."""
-    files = [split_file(dataset, split) for split in SPLITS]
-    if rationales:
-        files += [rel for split in SPLITS for rel in rationale_files(dataset, split)]
-    for rel in files:
-        fetch(rel, data_dir, base_url)
-    return Path(data_dir) / dataset
-
-
 # ----------------------------------------------------------------------------- reading
 
 def _rows(path: Path) -> list[tuple[str, object]]:
@@ -497,15 +484,6 @@ def train_subset(train: list[Example], fraction: float, seed: int = 0) -> list[E
     keep = max(1, round(fraction * len(train)))
     chosen = set(sorted(range(len(train)), key=lambda i: stable_hash(seed, train[i].id))[:keep])
     return [example for i, example in enumerate(train) if i in chosen]
-
-
-def load_dataset(dataset: str, data_dir: str | Path = "data", limit: int | None = None,
-                 train_fraction: float = 1.0, seed: int = 0) -> dict[str, list[Example]]:
-    """{split: examples} for train/valid/test. train_fraction subsamples the full train split first;
-    limit then takes the first N of each split."""
-    splits = {split: load_split(dataset, split, data_dir) for split in SPLITS}
-    splits["train"] = train_subset(splits["train"], train_fraction, seed)
-    return {split: examples[:limit] if limit else examples for split, examples in splits.items()}
 
 
 def in_context_examples(example: Example, pool: list[Example], k: int = 2, seed: int = 0) -> list[Example]:

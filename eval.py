@@ -23,7 +23,6 @@ import io
 import itertools
 import json
 import math
-import re
 import statistics
 import time
 import typing
@@ -36,7 +35,7 @@ import torch
 import cli
 import data
 from cli import (AUTO_BOOL, BOOL, Progress, Rule, UserError, at_least, atomic_write, flag, format_seconds,
-                 interrupt_note, one_of, parse_flags, resolve_device, run_main, some_of)
+                 interrupt_note, one_of, parse_flags, resolve_device, run_main, some_of, split_list)
 from student import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 
@@ -97,7 +96,7 @@ def split_results(records: list[dict], scorings: list[str]) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     cli.check_flags(cfg)  # a config made in code (an experiment's run) is checked as a parsed one is
-    splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]  # as SPLITS_RULE reads them
+    splits = split_list(cfg.splits)  # as SPLITS_RULE reads them
     cli.check_folder(cfg.out, "--out")
     device = torch.device(resolve_device(cfg.device))
     if cfg.check_only:

@@ -26,7 +26,6 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import shlex
 import typing
 import urllib.parse
@@ -40,7 +39,7 @@ import data
 import tinyllm
 import train
 from cli import (BOOL, ConfigT, Rule, UserError, at_least, atomic_write, flag, format_seconds, interrupt_note, one_of,
-                 parse_flags, run_main, some_of)
+                 parse_flags, run_main, some_of, split_list)
 from eval import (MATPLOTLIB_HINT, METRIC_NAMES, EvalConfig, Run, TableConfig, bootstrap_interval, correct_by_id, draw,
                   draw_training, evaluate, figure_class, load_run, percent, plot_table, read_results, row_label,
                   seed_bootstrap_interval, seed_permutation_p, sign_flip_p, std_ratio_interval, table, write_table)
@@ -73,9 +72,7 @@ def format_number(value: float) -> str:
 def parse_numbers(text: str, what: str, allowed: typing.Callable[[float], bool], rule: str) -> list[float]:
     """"0.1 1,3" -> [0.1, 1.0, 3.0]: space or comma separated, each value once, each `allowed`."""
     values: list[float] = []
-    for item in re.split(r"[,\s]+", text.strip()):
-        if not item:
-            continue
+    for item in split_list(text):
         try:
             value = float(item)
         except ValueError:
@@ -92,7 +89,7 @@ def parse_numbers(text: str, what: str, allowed: typing.Callable[[float], bool],
 def parse_seeds(seeds: str) -> list[int | None]:
     """--seeds="0 1 2" -> [0, 1, 2]; "" -> [None]: each row once, in its folder itself, at train.py's --seed."""
     try:
-        values = [int(item) for item in re.split(r"[,\s]+", seeds.strip()) if item]
+        values = [int(item) for item in split_list(seeds)]
     except ValueError:
         raise UserError(f"--seeds={seeds!r}: expected integers, e.g. --seeds=\"0 1 2\" (SEEDS= for make)") from None
     if len(set(values)) != len(values):
@@ -225,9 +222,8 @@ def check_plans(runs: list[RunPlan], made_later: typing.Collection[str] = ()) ->
         if run.finished() or inputs in checked:
             continue
         checked.add(inputs)
-        for split in re.split(r"[,\s]+", run.eval.splits):
-            if split:
-                data.load_split(run.eval.dataset, split, run.eval.data, limit=run.eval.limit or None)
+        for split in split_list(run.eval.splits):
+            data.load_split(run.eval.dataset, split, run.eval.data, limit=run.eval.limit or None)
         if (run.folder / "train.json").is_file():  # training is over: only the evaluation is left
             continue
         if cfg.cache in made_later:
@@ -297,7 +293,7 @@ class SweepConfig(ExperimentConfig):
     sweep: str = ""  # an explicit grid instead, naming every teacher: "a=0.1,1 b=1,3"
 
     def check(self) -> None:
-        sweep_grid(self, [name for name, _ in tinyllm.parse_teachers(self.teachers)])
+        sweep_grid(self, tinyllm.teacher_names(self.teachers))
 
 
 def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
@@ -324,7 +320,7 @@ def sweep_grid(cfg: SweepConfig, names: list[str]) -> dict[str, list[float]]:
 def sweep(cfg: SweepConfig) -> dict:
     """§4.1, Fig. 3: TinyLLM once per combination of α over the teachers; the best is chosen on valid."""
     check_experiment(cfg)
-    names = [name for name, _ in tinyllm.parse_teachers(cfg.teachers)]
+    names = tinyllm.teacher_names(cfg.teachers)
     grid = sweep_grid(cfg, names)
     experiment = Experiment(cfg, "sweep")
     for combination in itertools.product(*grid.values()):
@@ -375,7 +371,7 @@ class FractionsConfig(ExperimentConfig):
     alpha: str = flag("", train.ALPHA_RULE)  # name=weight ... for TinyLLM's Eq. 2 (default 1 each)
 
     def check(self) -> None:
-        method_runs(self.methods, [name for name, _ in tinyllm.parse_teachers(self.teachers)])
+        method_runs(self.methods, tinyllm.teacher_names(self.teachers))
 
 
 def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
@@ -394,7 +390,7 @@ def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
 def fractions(cfg: FractionsConfig) -> dict:
     """Fig. 2: every method trained on nested fractions of the training set (train.py --train_fraction)."""
     check_experiment(cfg)
-    names = [name for name, _ in tinyllm.parse_teachers(cfg.teachers)]
+    names = tinyllm.teacher_names(cfg.teachers)
     values = sorted(parse_numbers(cfg.fractions, "--fractions", lambda f: 0 < f <= 1, "a fraction in (0, 1]"))
     experiment = Experiment(cfg, "fractions")
     for run, method, teacher in method_runs(cfg.methods, names):
@@ -516,7 +512,7 @@ class StudyConfig(ExperimentConfig):
     train: int = flag(1, BOOL)  # 0: only the analysis of the runs finished so far, nothing is trained
 
     def check(self) -> None:
-        if len(method_runs(self.methods, [name for name, _ in tinyllm.parse_teachers(self.teachers)])) < 2:
+        if len(method_runs(self.methods, tinyllm.teacher_names(self.teachers))) < 2:
             raise UserError(f"--methods={self.methods!r}: a study compares two methods or more (the last minus the first)")
 
 
@@ -531,10 +527,7 @@ def study_datasets(cfg: StudyConfig) -> list[str]:
 def study(cfg: StudyConfig) -> dict:
     """Every method of --methods on every dataset of --datasets per seed, in OUT/study/<dataset>/<method>/[seed<N>/],
     seed by seed (a stopped study has whole seeds first); then write_study."""
-    names = [name for name, _ in tinyllm.parse_teachers(cfg.teachers)]
-    methods = method_runs(cfg.methods, names)
-    if len(methods) < 2:
-        raise UserError(f"--methods={cfg.methods!r}: a study compares two methods or more (the last minus the first)")
+    methods = method_runs(cfg.methods, tinyllm.teacher_names(cfg.teachers))  # two or more: StudyConfig.check
     root = Path(cfg.out) / "study"
     rows, runs = [], []
     for dataset in study_datasets(cfg):

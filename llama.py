@@ -560,12 +560,11 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, eos_ids: list[int] | tuple[int, ...] | None = None,
-                 generator: torch.Generator | None = None, pad_id: int | None = None) -> Tensor:
-        """New tokens (B, <= max_new_tokens) for a left-padded batch. Each row stops at its first token
-        in eos_ids (default: the config's; the EOS itself is kept) and is padded with pad_id after it
-        (default: config pad, else the first EOS). temperature 0 is greedy; otherwise sampling with
-        nucleus top_p. The batch stops early once every row is done."""
+                 eos_ids: list[int] | tuple[int, ...] | None = None, pad_id: int | None = None) -> Tensor:
+        """New tokens (B, <= max_new_tokens) for a left-padded batch, greedy (the student's answers; a teacher
+        that samples decodes through Slots with tinyllm.sample_token). Each row stops at its first token in
+        eos_ids (default: the config's; the EOS itself is kept) and is padded with pad_id after it (default:
+        config pad, else the first EOS). The batch stops early once every row is done."""
         B, T = input_ids.shape
         device = input_ids.device
         eos_ids = self.config.eos_token_id if eos_ids is None else list(eos_ids)
@@ -593,7 +592,7 @@ class Llama(nn.Module):
 
         logits = self.prefill(input_ids, key_valid, caches)
         for step in range(max_new_tokens):
-            token = torch.where(done, pad_id, sample(logits, temperature, top_p, generator))
+            token = torch.where(done, pad_id, logits.argmax(-1))
             out[:, step] = token
             done |= torch.isin(token, eos)
             # checking `done` costs a host sync, so only every 16 tokens; the few extra steps are trimmed
@@ -724,21 +723,6 @@ class Slots:
         self.lengths = [self.lengths[r] for r in rows]
         self.live = [self.live[r] for r in rows]
         self.pending = self.pending[index]
-
-
-def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """Next token (B,) from logits (B, vocab): argmax when temperature is 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the top token always survives)
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # argmax(p / E) with E ~ Exp(1) samples from p (an exponential race), without multinomial's host sync
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(-1)
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:

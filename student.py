@@ -552,16 +552,21 @@ def student_format(source: Path, tokenizer, chat: int, boundary: int, task_prefi
     template for an instruction-tuned student (one with a template), as measured best on OBQA valid
     (README), and no prefix p_A / p_m at the start (the shared prompt; version 2's checkpoints, whose
     student_format.json does not say, had it)."""
-    saved = json.loads((source / STUDENT_FORMAT).read_text()) if (source / STUDENT_FORMAT).is_file() else None
-    saved_ = saved or {}
-    chat_ = bool(chat) if chat in (0, 1) else saved_.get("chat", DEFAULT_CHAT and tokenizer.chat_template is not None)
-    boundary_ = bool(boundary) if boundary in (0, 1) else saved_.get("boundary", True)
-    prefix_ = bool(task_prefix) if task_prefix in (0, 1) else (
-        saved_.get("task_prefix", True) if saved is not None else not boundary_)
-    if chat_ and tokenizer.chat_template is None:
+    path = source / STUDENT_FORMAT
+    saved = json.loads(path.read_text()) if path.is_file() else None  # None: not a checkpoint trained here
+
+    def pick(flag: int, key: str, default: bool) -> bool:
+        """The flag when given (0 or 1), else the checkpoint's choice, else `default`."""
+        return bool(flag) if flag in (0, 1) else (saved or {}).get(key, default)
+
+    use_chat = pick(chat, "chat", DEFAULT_CHAT and tokenizer.chat_template is not None)
+    with_boundary = pick(boundary, "boundary", True)
+    # a checkpoint of ours that does not say had the prefix (version 2); a fresh student: none after a task line
+    with_prefix = pick(task_prefix, "task_prefix", True if saved is not None else not with_boundary)
+    if use_chat and tokenizer.chat_template is None:
         raise UserError(f"--chat=1: the student {source} has no chat template (tokenizer_config.json "
                         "'chat_template' or chat_template.jinja)")
-    return chat_, boundary_, prefix_
+    return use_chat, with_boundary, with_prefix
 
 
 def load_student(source: str, device: torch.device, bf16: bool = True, dtype: torch.dtype = torch.float32,

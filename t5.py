@@ -562,15 +562,13 @@ class T5(nn.Module):
         return self.lm_logits(self.decoder.final_layer_norm(x))[:, 0]
 
     @torch.inference_mode()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, eos_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """New token ids (B, <= max_new_tokens): greedy when temperature == 0, else nucleus sampling. Each row
-        stops at its EOS (kept in the row) and is padded with pad after it; the result is trimmed to the
-        longest row. No dropout is applied here whatever the module's mode."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 eos_id: int | None = None) -> Tensor:
+        """New token ids (B, <= max_new_tokens), greedy (the student's answers; a teacher that samples decodes
+        through Slots with tinyllm.sample_token). Each row stops at its EOS (kept in the row) and is padded
+        with pad after it; the result is trimmed to the longest row. No dropout whatever the module's mode."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
-        if temperature < 0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
         eos_id = self.config.eos_token_id if eos_id is None else eos_id
         pad_id = self.config.pad_token_id
         B = input_ids.shape[0]
@@ -581,8 +579,7 @@ class T5(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for t in range(max_new_tokens):
             logits = self.decode_step(token, t, cache)
-            next_token = sample(logits, temperature, top_p, generator)
-            next_token = torch.where(done, pad_id, next_token)
+            next_token = torch.where(done, pad_id, logits.argmax(-1))
             out[:, t] = next_token
             done |= next_token == eos_id
             token = next_token[:, None]
@@ -683,19 +680,6 @@ class Slots:
         self.pending = self.pending[index]
 
 
-def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
-    """(B, V) logits -> (B,) token ids: argmax when temperature == 0, else sample from the smallest set of
-    tokens whose probability mass reaches top_p."""
-    if temperature == 0.0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # mass before this token already reaches top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Checkpoint helpers
 
@@ -755,11 +739,6 @@ def shift_right(labels: Tensor, start_id: int = 0, pad_id: int = 0) -> Tensor:
     shifted = torch.full_like(labels, start_id)
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == -100, pad_id)
-
-
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean token cross-entropy over labels != -100 (computed in fp32 for bf16 logits)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 # ---------------------------------------------------------------------------------------------------

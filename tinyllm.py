@@ -19,7 +19,6 @@ References: TinyLLM (Tian et al., arXiv 2402.04616); the OpenAI HTTP API (`/v1/c
 `/v1/chat/completions`).
 """
 import collections
-import hashlib
 import json
 import os
 import re
@@ -240,13 +239,28 @@ class LocalTeacher:
             slots = llama.Slots(self.model, rows, max(len(p) for p in prompts_) + cfg.max_new_tokens, device)
             eos_ids = set(self.tokenizer.eos_ids)
         compiled = compile_slots(slots) if cfg.compile else None
-        model_file = t5 if self.kind == "t5" else llama
-        sample = lambda logits: model_file.sample(logits, cfg.temperature, cfg.top_p, self.generator)  # noqa: E731
+        sample = lambda logits: sample_token(logits, cfg.temperature, cfg.top_p, self.generator)  # noqa: E731
         for j, ids in continuous_generate(slots, prompts_, [cfg.max_new_tokens] * len(prompts_), eos_ids, sample):
             self.tokens += len(ids)
             yield fits[j], self.tokenizer.decode(ids)
         if compiled is not None:
             print(f"--compile=1: {compiled.summary()}", flush=True)
+
+
+def sample_token(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Next token (B,) from logits (B, vocab), for either teacher kind: argmax when temperature is 0, else
+    nucleus sampling (the smallest set of tokens whose probability mass reaches top_p; the top token always
+    survives) at that temperature."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0.0  # the mass before it reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    # argmax(p / E) with E ~ Exp(1) samples from p (an exponential race), without multinomial's host sync
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 DECODE_WIDTH_MULTIPLE = 64  # a compiled decode step reads the cache in widths of this many slots: a few shapes
@@ -535,8 +549,9 @@ def parse_teachers(spec: str, sources: bool = True) -> list[tuple[str, str]]:
     return teachers
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def teacher_names(spec: str, sources: bool = True) -> list[str]:
+    """The teacher names of --teachers, in order (parse_teachers without the sources)."""
+    return [name for name, _ in parse_teachers(spec, sources)]
 
 
 def summarize(name: str, cache: dict[tuple[str, str], dict], split: str, examples: list) -> tuple[str, int]:
@@ -590,7 +605,7 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
         record = cached.get((job.split, job.example.id))
         return (record is None or record["error"] is not None or record["source"] != source
                 or record["settings"] != settings
-                or record["prompt_sha256"] != (sha256_text(job.prompt) if prompted else None))
+                or record["prompt_sha256"] != (prompts.prompt_sha256(job.prompt) if prompted else None))
 
     todo = [job for job in jobs if stale(job)]
     print(f"{name} ({source}): {len(jobs) - len(todo)} cached, {len(todo)} to make"
@@ -651,7 +666,7 @@ def make_record(name: str, source: str, settings: dict, job: Job, output: str | 
     raw = output if error is None else ""
     rationale = prompts.clean_rationale(raw, job.prompt) if error is None else ""
     return dict(split=job.split, id=job.example.id, teacher=name, source=source,
-                prompt_sha256=sha256_text(job.prompt) if prompted else None,
+                prompt_sha256=prompts.prompt_sha256(job.prompt) if prompted else None,
                 rationale=rationale, raw=raw, settings=settings,
                 stated_answer=prompts.stated_answer(rationale, list(job.example.options)) if error is None else None,
                 degenerate=prompts.is_degenerate(rationale) if error is None else False,
@@ -661,7 +676,7 @@ def make_record(name: str, source: str, settings: dict, job: Job, output: str | 
 def rationales(cfg: RationalesConfig) -> None:
     """Fill the cache with every teacher's rationales for the chosen splits, then print a summary."""
     cli.check_flags(cfg)  # a config made in code (the ablations') is checked as a parsed one is
-    splits = [s for s in re.split(r"[,\s]+", cfg.splits) if s]
+    splits = cli.split_list(cfg.splits)
     teachers = parse_teachers(cfg.teachers)
     # every teacher before the first starts: its kind and source, and the cache folder
     for name, source in teachers:

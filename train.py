@@ -101,14 +101,13 @@ class TrainConfig:
     weight_decay: float = flag(0.0, at_least(0))  # AdamW's decoupled weight decay
     clip: float = flag(1.0, at_least(0))  # max gradient norm (0 = no clipping)
     seed: int = 0  # data order, dropout, the train_fraction subset
+    # the student: its inputs, precision and speed
     max_input_tokens: int = flag(1024, at_least(1))  # longer inputs lose words from the start of the question
     max_target_tokens: int = flag(256, at_least(1))  # rationale targets are cut to this many tokens
     bf16: int = flag(1, BOOL)  # bf16 autocast on CUDA (and CPU with native bf16); weights stay fp32
     checkpointing: int = flag(0, BOOL)  # 1: recompute each block in backward (activation checkpointing), for large students
-    # 1: torch.compile the model's forward in the step (compile_objective). Off by default on both devices: on
-    # the CPU the full bench's compiled step gained 9% (T5) and nothing (SmolLM2) after a 1.5-2 minute first
-    # step; on a GPU nothing is measured yet (README, Performance)
-    compile: int = flag(0, BOOL)
+    compile: int = flag(0, BOOL)  # 1: torch.compile the model's forward in the step; off by default (README, Performance):
+    #  on the CPU +9% (T5) and nothing (SmolLM2) after a 1.5-2 minute first step; on a GPU not measured yet
     chat: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = its chat template around the input, 0 = plain text, -1 = default
     boundary: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = the input ends with a line naming the target, -1 = default (1)
     task_prefix: int = flag(-1, AUTO_BOOL)  # decoder-only student: 1 = p_A / p_m at the start too (nothing shared), -1 = default (0)
@@ -125,15 +124,18 @@ class TrainConfig:
 
     def check(self) -> None:
         """The flags together, after each one's own rule (cli.check_flags calls it)."""
-        names = [name for name, _ in tinyllm.parse_teachers(self.teachers, sources=False)]
+        names = tinyllm.teacher_names(self.teachers, sources=False)
         parse_alpha(self.alpha, names)
         if self.method == "tinyllm" and not names:
             raise UserError("--method=tinyllm needs at least one teacher in --teachers (TEACHERS= for make)")
-        teacher = self.teacher or (names[0] if names else "")
-        if self.method in ("dss", "kd") and teacher not in names:
-            raise UserError(f"--teacher={teacher!r} is not one of --teachers ({' '.join(names) or 'none'})")
+        if self.method in ("dss", "kd") and self.one_teacher() not in names:
+            raise UserError(f"--teacher={self.one_teacher()!r} is not one of --teachers ({' '.join(names) or 'none'})")
         if self.batch_size % self.grad_accum:
             raise UserError(f"--batch_size={self.batch_size} must be a multiple of --grad_accum={self.grad_accum}")
+
+    def one_teacher(self) -> str:
+        """The one teacher of dss and kd: --teacher, else the first of --teachers."""
+        return self.teacher or next(iter(tinyllm.teacher_names(self.teachers, sources=False)), "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,13 +167,13 @@ def teacher_rationales(cfg: TrainConfig, teacher: str, source: str) -> dict[str,
 
 
 def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> list[Task]:
-    """The answer task (first) and the rationale tasks of the method."""
+    """Eq. 2's tasks for the method of a checked config (TrainConfig.check): the answer task first (L_A, weight 1;
+    its target the gold answer, for kd the teacher's stated one), then a rationale task per teacher the method
+    learns from (L_Tm, weight α_m; tinyllm: every teacher, dss: one, the others: none)."""
     sources = dict(tinyllm.parse_teachers(cfg.teachers, sources=False))
     names = list(sources)
     alpha = parse_alpha(cfg.alpha, names)
-    teacher = cfg.teacher or (names[0] if names else "")
-    if cfg.method in ("dss", "kd") and teacher not in names:
-        raise UserError(f"--teacher={teacher!r} is not one of --teachers ({' '.join(names) or 'none'})")
+    teacher = cfg.one_teacher()
     answer = {ex.id: prompts.answer_target(ex) for ex in examples}
     if cfg.method == "kd":
         # Standard KD on the answer: the target is the option the teacher stated in its rationale; where
@@ -186,10 +188,7 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
         log(f"kd: {teacher}'s stated answer is the target for {stated}/{len(examples)} examples "
             f"({agree} agree with gold); gold for the rest")
     tasks = [Task(ANSWER_TASK, prompts.ANSWER_PREFIX, 1.0, answer)]
-    rationale_teachers = {"tinyllm": names, "dss": [teacher]}.get(cfg.method, [])
-    if cfg.method == "tinyllm" and not names:
-        raise UserError("--method=tinyllm needs at least one teacher in --teachers")
-    for name in rationale_teachers:
+    for name in {"tinyllm": names, "dss": [teacher]}.get(cfg.method, []):
         records = teacher_rationales(cfg, name, sources[name])
         targets = {ex.id: text for ex in examples if (text := usable_rationale(records.get(ex.id)))}
         if not any(ex.id in records for ex in examples):  # the cache was made for other examples (another LIMIT)

@@ -86,6 +86,7 @@ import tinyllm  # noqa: E402
 import student as students  # noqa: E402
 import train  # noqa: E402
 from cli import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
+from conftest import download  # noqa: E402  (tests/ is this script's folder: first on sys.path)
 
 
 @dataclass
@@ -249,6 +250,11 @@ def profile_case(case: Case, folder: Path) -> None:
 # Models on the same weights
 
 
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over labels != -100 (in fp32 for bf16 logits): the padded baseline's loss."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def transformers_t5(config: dict, device: torch.device) -> nn.Module:
     """T5ForConditionalGeneration with FLAN-T5's separate LM head. transformers 5 builds T5 with the head tied to
     the embedding whatever the config says (it unties only when loading a checkpoint with a distinct
@@ -326,7 +332,7 @@ def train_case(name: str, config: dict, batch: int, input_len: int, target_len: 
 
     def step_ours() -> None:
         with autocast():
-            loss = t5.cross_entropy(ours(input_ids, mask, decoder_input_ids), labels)
+            loss = token_cross_entropy(ours(input_ids, mask, decoder_input_ids), labels)
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
@@ -334,7 +340,7 @@ def train_case(name: str, config: dict, batch: int, input_len: int, target_len: 
     def step_theirs() -> None:
         with autocast():
             logits = theirs(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
-            loss = t5.cross_entropy(logits, labels)
+            loss = token_cross_entropy(logits, labels)
         loss.backward()
         opt_theirs.step()
         opt_theirs.zero_grad(set_to_none=True)
@@ -463,7 +469,7 @@ def release_text(dataset: str = "obqa", n: int = 64) -> ReleaseText:
 
     assets = assets_dir()
     folder = Path(tempfile.mkdtemp(prefix=f"bench-{dataset}-"))
-    data.download(dataset, folder, base_url=str(assets / "tinyllm_release"), rationales=True)
+    download(dataset, folder, base_url=str(assets / "tinyllm_release"), rationales=True)
     pool = data.load_split(dataset, "train", folder)
     raws = data.load_release_rationales(dataset, "train", folder)
     # the targets train.py reads: cleaned as the cache records them, degenerate ones left out ("")

@@ -73,6 +73,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def download(dataset: str, data_dir: str | Path, base_url: str | None = None, rationales: bool = False) -> Path:
+    """A dataset's three split files (and with rationales=True the release's teacher rationales) fetched into
+    data_dir/<dataset>/ up front, as data.load_split and the release teacher fetch them when first read."""
+    import data
+    files = [data.split_file(dataset, split) for split in data.SPLITS]
+    if rationales:
+        files += [rel for split in data.SPLITS for rel in data.rationale_files(dataset, split)]
+    for rel in files:
+        data.fetch(rel, data_dir, base_url)
+    return Path(data_dir) / dataset
+
+
 def start_server(root: str | Path) -> http.server.ThreadingHTTPServer:
     """A loopback HTTP server over a folder: `server.url` is `http://127.0.0.1:PORT`, `server.hooks`
     maps a path to a handler function, `server.requests` records the paths asked for. stop_server()

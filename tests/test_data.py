@@ -19,7 +19,7 @@ import pytest
 
 import cli
 import data
-from conftest import REPO
+from conftest import REPO, download
 
 # rows per split as released (PROVENANCE.md §6); PIQA's train is the pinned stand-in here
 RELEASE_ROWS = {
@@ -47,7 +47,7 @@ def release_data(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYLLM_DATA_URL", f"http://127.0.0.1:{server.server_address[1]}")
         for dataset in data.DATASETS:
-            data.download(dataset, folder, rationales=True)
+            download(dataset, folder, rationales=True)
     server.shutdown()
     server.server_close()
     return folder
@@ -78,7 +78,7 @@ def test_git_blob_id_is_what_git_hash_object_prints(tmp_path):
 def test_download_from_loopback_server_verifies_and_never_refetches(serve_folder, release, tmp_path, monkeypatch):
     server = serve_folder(release)
     monkeypatch.setenv("TINYLLM_DATA_URL", server.url + "/")
-    folder = data.download("arc", tmp_path, rationales=True)
+    folder = download("arc", tmp_path, rationales=True)
     assert folder == tmp_path / "arc"
     expected = ["arc/arc_train.json", "arc/arc_valid.json", "arc/arc_test.json"] + \
         [f"arc/llm/{s}_CoT_{k}.json" for s, n in (("train", 3), ("valid", 1), ("test", 3)) for k in range(n)]
@@ -86,7 +86,7 @@ def test_download_from_loopback_server_verifies_and_never_refetches(serve_folder
     assert leftovers(tmp_path) == sorted(expected)  # no .part left
     for rel in expected:
         assert (tmp_path / rel).read_bytes() == (release / rel).read_bytes()
-    data.download("arc", tmp_path, rationales=True)
+    download("arc", tmp_path, rationales=True)
     data.load_split("arc", "valid", tmp_path)
     assert len(server.requests) == len(expected), "verified files must not be fetched again"
 
@@ -99,7 +99,7 @@ def test_checksum_mismatch_names_file_and_url_and_leaves_nothing(serve_folder, r
     server = serve_folder(source)
     monkeypatch.setenv("TINYLLM_DATA_URL", server.url)
     with pytest.raises(data.DownloadError) as error:
-        data.download("arc", tmp_path / "data")
+        download("arc", tmp_path / "data")
     message = str(error.value)
     assert "arc/arc_valid.json" in message and f"{server.url}/arc/arc_valid.json" in message
     assert "checksum mismatch" in message and data.PINNED["arc/arc_valid.json"][1] in message
@@ -110,7 +110,7 @@ def test_http_errors_name_file_and_url(serve_folder, tmp_path, monkeypatch):
     server = serve_folder(tmp_path / "empty")
     monkeypatch.setenv("TINYLLM_DATA_URL", server.url)
     with pytest.raises(data.DownloadError, match=r"obqa/obqa_train.json: HTTP 404 from http://127\.0\.0\.1:\d+/obqa/"):
-        data.download("obqa", tmp_path / "data")
+        download("obqa", tmp_path / "data")
 
     def fail(handler):
         handler.send_error(500)
@@ -252,12 +252,12 @@ def test_concurrent_fetches_of_one_file_download_it_once(serve_folder, release, 
 
 def test_file_url_and_folder_sources(release, tmp_path, monkeypatch):
     monkeypatch.setenv("TINYLLM_DATA_URL", release.as_uri())
-    data.download("pubmedqa", tmp_path / "a")
-    data.download("pubmedqa", tmp_path / "b", base_url=str(release))
+    download("pubmedqa", tmp_path / "a")
+    download("pubmedqa", tmp_path / "b", base_url=str(release))
     for folder in (tmp_path / "a", tmp_path / "b"):
         assert leftovers(folder) == [f"pubmedqa/pubmedqa_{s}.json" for s in ("test", "train", "valid")]
     with pytest.raises(data.DownloadError, match=r"bioasq/bioasq_train.json: not found at .*/nowhere/bioasq"):
-        data.download("bioasq", tmp_path / "c", base_url=str(tmp_path / "nowhere"))
+        download("bioasq", tmp_path / "c", base_url=str(tmp_path / "nowhere"))
     assert leftovers(tmp_path / "c") == []
 
 
@@ -274,7 +274,7 @@ def test_piqa_train_falls_back_to_the_stand_in_only_when_the_source_lacks_it(ser
     source = copy_dataset(release, "piqa", tmp_path / "src")  # a piqa_train.json that is not the pinned blob
     shutil.copy(source / "piqa/piqa_valid.json", source / "piqa/piqa_train.json")
     with pytest.raises(data.DownloadError, match=r"piqa/piqa_train.json: checksum mismatch .* git blob id"):
-        data.download("piqa", tmp_path / "bad", base_url=str(source))
+        download("piqa", tmp_path / "bad", base_url=str(source))
     assert leftovers(tmp_path / "bad") == []
 
 
@@ -282,7 +282,7 @@ def test_piqa_train_falls_back_to_the_stand_in_only_when_the_source_lacks_it(ser
 
 @pytest.mark.parametrize("dataset", data.DATASETS)
 def test_every_released_file_loads_with_the_release_row_counts(release_data, dataset):
-    splits = data.load_dataset(dataset, release_data)
+    splits = {split: data.load_split(dataset, split, release_data) for split in data.SPLITS}
     assert tuple(len(splits[s]) for s in data.SPLITS) == RELEASE_ROWS[dataset]
     n_options = {"arc": 4, "obqa": 4, "piqa": 2, "riddle": 5, "pubmedqa": 3, "bioasq": 2}[dataset]
     for split in data.SPLITS:
@@ -354,27 +354,23 @@ def test_unknown_dataset_split_or_file(tmp_path):
 # ----------------------------------------------------------------------------- subsets and in-context examples
 
 def test_limit_takes_the_first_n_of_each_split(release_data):
-    full = data.load_dataset("riddle", release_data)
-    small = data.load_dataset("riddle", release_data, limit=7)
-    assert {s: small[s] for s in data.SPLITS} == {s: full[s][:7] for s in data.SPLITS}
+    full = {split: data.load_split("riddle", split, release_data) for split in data.SPLITS}
+    small = {split: data.load_split("riddle", split, release_data, limit=7) for split in data.SPLITS}
+    assert small == {s: full[s][:7] for s in data.SPLITS}
     assert data.load_split("riddle", "test", release_data, limit=0) == full["test"]
 
 
 def test_train_fraction_is_a_seeded_nested_subset_in_file_order(release_data):
     train = data.load_split("obqa", "train", release_data)
     position = {e.id: i for i, e in enumerate(train)}
-    subsets = {f: data.load_dataset("obqa", release_data, train_fraction=f, seed=0)["train"]
-               for f in (0.125, 0.25, 0.5, 1.0)}
+    subsets = {f: data.train_subset(train, f, seed=0) for f in (0.125, 0.25, 0.5, 1.0)}
     assert [len(subsets[f]) for f in (0.125, 0.25, 0.5, 1.0)] == [620, 1239, 2478, 4957]  # round(f * 4957)
     assert subsets[1.0] == train
     for small, large in ((0.125, 0.25), (0.25, 0.5)):
         assert {e.id for e in subsets[small]} < {e.id for e in subsets[large]}
     for subset in subsets.values():
         assert [position[e.id] for e in subset] == sorted(position[e.id] for e in subset)
-    assert data.train_subset(train, 0.25, seed=0) == subsets[0.25]
     assert data.train_subset(train, 0.25, seed=1) != subsets[0.25]
-    splits = data.load_dataset("obqa", release_data, train_fraction=0.5, limit=3)
-    assert splits["train"] == subsets[0.5][:3] and len(splits["test"]) == 3
     with pytest.raises(cli.UserError, match=r"--train_fraction=0.0: must be in"):
         data.train_subset(train, 0.0)
 

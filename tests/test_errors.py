@@ -483,8 +483,13 @@ def assert_lists_every_field(help_text: str, command: str, config: type) -> None
         assert line is not None, f"{command} --help lacks --{f.name}:\n{help_text}"
         kind = f.type if isinstance(f.type, str) else f.type.__name__  # a str under `from __future__ import annotations`
         assert str(f.default) in line and re.search(rf" {kind}(  |$)", line), line
-        assert field_comment(defining_class(config, f.name), f.name) in line, line
+        comment = field_comment(defining_class(config, f.name), f.name)
+        assert comment and comment in line, f"--{f.name} has no comment on its line: {line}"
     assert any(line.startswith("  --debug=0") for line in lines) and any(line.startswith("  --help") for line in lines)
+    # below the usage: each line a flag or a short heading ("optimisation: the paper's defaults:"), nothing else
+    flags = lines[lines.index(next(line for line in lines if line.startswith("flags (type"))) + 1:]
+    stray = [line for line in flags if not (line.startswith("  --") or re.fullmatch(r" [a-z][^;()]{0,58}:", line))]
+    assert not stray, f"{command} --help: lines that are neither a flag nor a heading: {stray}"
 
 
 def defining_class(config: type, name: str) -> type:

@@ -20,12 +20,11 @@ import pytest
 import torch
 
 import cli
-import data
 import eval as evaluation
 import experiments
 import tinyllm
 import train
-from conftest import REPO
+from conftest import REPO, download
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # enough to move a random model in one step, short targets and answers: a run takes about a second
@@ -37,7 +36,7 @@ RELEASE = "flan-t5-xl=release:flan-t5-xl llama-2=release:llama-2"
 def workspace(tmp_path_factory, assets, tiny_t5) -> dict[str, Path]:
     """The OBQA release (splits and rationale files) and the released rationales of 4 training examples."""
     root = tmp_path_factory.mktemp("experiments")
-    data.download("obqa", root / "data", base_url=str(assets / "tinyllm_release"), rationales=True)
+    download("obqa", root / "data", base_url=str(assets / "tinyllm_release"), rationales=True)
     tinyllm.rationales(tinyllm.RationalesConfig(teachers=RELEASE, data=str(root / "data"), cache=str(root / "cache"),
                                                 limit=4, device="cpu"))
     return {"student": tiny_t5, "data": root / "data", "cache": root / "cache"}
@@ -492,7 +491,7 @@ def test_the_committed_study_rebuilds_its_table_and_the_readme_quotes_its_verdic
 @pytest.fixture(scope="session")
 def two_datasets(workspace) -> dict[str, Path]:
     """The workspace with ARC beside OBQA: its release and the released rationales of 4 training examples."""
-    data.download("arc", workspace["data"], base_url=str(Path(os.environ.get("TINYLLM_ASSETS", REPO.parent / "shared" / "assets")) / "tinyllm_release"),
+    download("arc", workspace["data"], base_url=str(Path(os.environ.get("TINYLLM_ASSETS", REPO.parent / "shared" / "assets")) / "tinyllm_release"),
                   rationales=True)
     tinyllm.rationales(tinyllm.RationalesConfig(dataset="arc", teachers=RELEASE, data=str(workspace["data"]),
                                                 cache=str(workspace["cache"]), limit=4, device="cpu"))

@@ -195,22 +195,14 @@ def test_bf16_autocast_forward_and_generate(tiny_folders, device):
     assert gap.max().item() <= slack, (gap, slack)
 
 
-def test_sampling(tiny_folders):
+def test_generate_stops_each_row_at_its_eos(tiny_folders):
     ids, mask = left_padded_batch()
     model = llama.Llama.from_pretrained(tiny_folders["mha"])
     greedy = model.generate(ids, mask, max_new_tokens=12, eos_ids=[])
-    def sample(seed: int, eos_ids=(), **kwargs) -> torch.Tensor:
-        return model.generate(ids, mask, max_new_tokens=12, eos_ids=eos_ids, temperature=1.0,
-                              generator=torch.Generator().manual_seed(seed), **kwargs)
-
-    assert torch.equal(sample(0), sample(0))  # reproducible from the generator
-    assert not torch.equal(sample(0), sample(1))
-    assert torch.equal(sample(0, top_p=1e-6), greedy)  # nucleus of one token = greedy
-    tokens = sample(3)
-    assert tokens.shape == (3, 12) and 0 <= int(tokens.min()) and int(tokens.max()) < TINY["vocab_size"]
+    assert greedy.shape == (3, 12) and 0 <= int(greedy.min()) and int(greedy.max()) < TINY["vocab_size"]
     # every row stops at its EOS and the batch ends when all rows have: EOS = whatever each row drew first
-    eos = tokens[:, 0].tolist()
-    stopped = sample(3, eos_ids=eos, pad_id=0)
+    eos = greedy[:, 0].tolist()
+    stopped = model.generate(ids, mask, max_new_tokens=12, eos_ids=eos, pad_id=0)
     assert stopped.shape == (3, 1) and stopped[:, 0].tolist() == eos
     with pytest.raises(ValueError, match="LEFT-padded"):
         model.generate(ids, torch.flip(mask, [1]), max_new_tokens=2)

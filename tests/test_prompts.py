@@ -12,14 +12,14 @@ from data import Example
 @pytest.fixture(scope="module")
 def release_data(tmp_path_factory):
     """The six datasets and their rationale files, fetched from the release copy as a folder source."""
-    from conftest import assets_dir
+    from conftest import assets_dir, download
     if assets_dir() is None:
         pytest.skip("real assets not found: set TINYLLM_ASSETS to run this test")
     folder = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TINYLLM_DATA_URL", str(assets_dir() / "tinyllm_release"))
         for dataset in data.DATASETS:
-            data.download(dataset, folder, rationales=True)
+            download(dataset, folder, rationales=True)
     return folder
 
 

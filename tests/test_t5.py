@@ -188,19 +188,13 @@ def test_unpadded_batch_matches_padded_batch(checkpoints, batch):
         assert torch.equal(alone_generated[0], generated[0, :alone_generated.shape[1]]), name
 
 
-def test_generate_sampling_and_arguments(checkpoints, batch):
+def test_generate_arguments(checkpoints, batch):
     model = t5.T5.from_pretrained(checkpoints["v1_1_gated_untied"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    a = model.generate(**inputs, max_new_tokens=8, temperature=0.8, top_p=0.9,
-                       generator=torch.Generator().manual_seed(1))
-    b = model.generate(**inputs, max_new_tokens=8, temperature=0.8, top_p=0.9,
-                       generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and a.shape[0] == 3 and a.shape[1] <= 8
-    # top_p close to 0 keeps only the most likely token: sampling degenerates to greedy.
     greedy = model.generate(**inputs, max_new_tokens=8)
-    assert torch.equal(model.generate(**inputs, max_new_tokens=8, temperature=1.0, top_p=1e-6), greedy)
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate(**inputs, max_new_tokens=8, temperature=1.0, top_p=0.0)
+    assert greedy.shape[0] == 3 and greedy.shape[1] <= 8
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(**inputs, max_new_tokens=0)
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -346,15 +340,11 @@ def test_unsupported_config_values_raise_naming_the_field():
 # Training helpers
 
 
-def test_shift_right_and_cross_entropy(checkpoints):
+def test_shift_right(checkpoints):
     labels = torch.tensor([[5, 6, 1, -100], [7, 1, -100, -100]])
     assert t5.shift_right(labels).tolist() == [[0, 5, 6, 1], [0, 7, 1, 0]]
     ref = transformers.T5ForConditionalGeneration.from_pretrained(checkpoints["v1_0_relu_tied"])
     assert torch.equal(t5.shift_right(labels), ref._shift_right(labels))
-    logits = torch.randn(2, 4, 11)
-    expected = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
-    assert torch.allclose(t5.cross_entropy(logits, labels), expected)
-    assert t5.cross_entropy(logits.bfloat16(), labels).dtype == torch.float32
 
 
 def test_training_path_backward(checkpoints, batch):
@@ -362,7 +352,7 @@ def test_training_path_backward(checkpoints, batch):
     model = t5.T5.from_pretrained(checkpoints["uneven_heads"]).train()
     labels = batch["decoder_input_ids"][:, 1:].masked_fill(batch["decoder_input_ids"][:, 1:] > 80, -100)
     logits = model(batch["input_ids"], batch["attention_mask"], t5.shift_right(labels))
-    loss = t5.cross_entropy(logits, labels)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     loss.backward()
     ref = transformers.T5ForConditionalGeneration.from_pretrained(checkpoints["uneven_heads"]).train()
     ref_loss = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss

@@ -23,6 +23,7 @@ import pytest
 import cli
 import data
 import tinyllm
+from conftest import download
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def release(assets) -> Path:
 def obqa_data(tmp_path_factory, release) -> Path:
     """OBQA (splits + the release's rationales) fetched once into a data folder shared by the tests."""
     folder = tmp_path_factory.mktemp("data")
-    data.download("obqa", folder, base_url=str(release), rationales=True)
+    download("obqa", folder, base_url=str(release), rationales=True)
     return folder
 
 
@@ -609,3 +610,24 @@ def test_continuous_batching_equals_decoding_each_prompt_alone(kind, tiny_llama,
         assert ids == expected[i], i
     assert sorted(order) == list(range(len(prompts_))) and order != sorted(order)  # yielded as rows finish
     assert slots.rows < 3  # the tail ran on fewer rows
+
+
+def test_sample_token_one_sampler_for_both_teacher_kinds():
+    """tinyllm.sample_token is every local teacher's sampler (T5 and LLaMA alike): argmax at temperature 0;
+    reproducible from its generator; drawing each token as often as its probability; top_p keeps the smallest
+    set of tokens whose mass reaches it (a tiny top_p is greedy)."""
+    import torch
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert tinyllm.sample_token(logits, 0.0, 1.0, None).tolist() == [0]
+    draw = lambda seed, top_p=1.0: tinyllm.sample_token(  # noqa: E731
+        logits.expand(20_000, 4), 1.0, top_p, torch.Generator().manual_seed(seed))
+    assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1))
+    frequencies = torch.bincount(draw(2), minlength=4).float() / 20_000
+    assert frequencies.tolist() == pytest.approx([0.5, 0.3, 0.15, 0.05], abs=0.015)
+    nucleus = torch.bincount(draw(3, top_p=0.7), minlength=4).float() / 20_000  # 0.5 + 0.3 reach 0.7
+    assert nucleus.tolist() == pytest.approx([0.625, 0.375, 0.0, 0.0], abs=0.015)
+    assert set(draw(4, top_p=1e-6).tolist()) == {0}
+    hot = torch.bincount(tinyllm.sample_token(logits.expand(20_000, 4), 2.0, 1.0, torch.Generator().manual_seed(5)),
+                         minlength=4).float() / 20_000  # temperature 2: p ** (1/2), renormalised
+    flat = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 0.5
+    assert hot.tolist() == pytest.approx((flat / flat.sum()).tolist(), abs=0.015)

@@ -22,6 +22,7 @@ import prompts
 import t5
 import student as students
 import train
+from conftest import download
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 4
@@ -33,7 +34,7 @@ TEACHERS = ("t1", "t2")
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, assets) -> Path:
     folder = tmp_path_factory.mktemp("data")
-    data.download("obqa", folder, base_url=str(assets / "tinyllm_release"))
+    download("obqa", folder, base_url=str(assets / "tinyllm_release"))
     return folder
 
 
