@@ -1,11 +1,7 @@
-"""Top floor: results, evaluation of a model, the paper's tables and figures, and the experiments that fill them.
+"""Evaluate a model and compare runs: accuracy on test and valid, Table 1, and the paired statistics.
 
     python eval.py --dataset=obqa --model=out/obqa/tinyllm/best --method=tinyllm --data=data --out=out/obqa/tinyllm
     python eval.py table --dataset=obqa --out=out
-    python eval.py sweep --dataset=obqa --alphas="0.01 0.1 0.5 1 2 3"      # α per teacher (§4.1, Fig. 3)
-    python eval.py fractions --dataset=obqa --methods="tinyllm dss finetune"  # less training data (Fig. 2)
-    python eval.py ablations --dataset=obqa                                 # Table 2's rows
-    python eval.py report --dataset=obqa --out=out   # OUT/obqa/report.md: every table and figure, with its command
 
 Answers are generated greedily from the answer prompt (p_A ⊕ question ⊕ options) and mapped to an
 option with prompts.parse_answer: the paper's exact-match accuracy (its code compares the decoded text
@@ -16,6 +12,11 @@ log-likelihood (summed over its tokens). Any model source works, so teachers are
 Writes OUT/predictions.jsonl (one record per example and split) and OUT/results.json =
 {"test": {"accuracy", "n"}, "valid": {...}, "model", "method", ...}. A run repeated over SEEDS is a folder
 of seed<N>/ run folders; tables show it as the mean ± the sample standard deviation over its seeds.
+
+The paired statistics (both runs answered the same test questions): the question bootstrap and sign-flip p of
+one comparison or one pooled over datasets, McNemar's exact test, and, over seeds as well, the two-level
+bootstrap and the seed-level permutation p that the study (experiments.py) leads with. The figures are PNG
+through matplotlib, an optional extra. The experiments that fill Table 1's neighbours live in experiments.py.
 """
 from __future__ import annotations
 
