@@ -14,11 +14,14 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import fcntl
 import inspect
 import io
 import math
 import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -53,16 +56,30 @@ class UserError(SystemExit):
         super().__init__(message)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler, `make` stopping its recipe): handled as Ctrl-C is, so that every cleanup that
+    a Ctrl-C runs (no half-written file, the note of what was kept) runs for it too. run_main installs it."""
+
+    signal_name = "SIGTERM"
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 @contextlib.contextmanager
-def interrupt_note(note: str | Callable[[], str]) -> Iterator[None]:
-    """Ctrl-C inside the block: the entry point's handler prints `note` (what was kept, how to go on;
-    a callable is asked at that moment). The innermost block wins: its note is attached to the
-    KeyboardInterrupt on the way out, and outer blocks leave it alone."""
+def on_stop(note: str | Callable[[], str], failed_writes: bool = True) -> Iterator[None]:
+    """A stop inside the block, Ctrl-C, SIGTERM or (unless failed_writes=False) a failed write such as a full
+    disk: the entry point's handler prints `note` after it (what was kept, how to go on; a callable is asked at
+    that moment). The innermost block wins: its note is attached to the exception on the way out, and outer
+    blocks leave it alone."""
     try:
         yield
-    except KeyboardInterrupt as interrupt:
-        if not hasattr(interrupt, "kept"):
-            interrupt.kept = note() if callable(note) else note
+    except (KeyboardInterrupt, OSError) as stop:
+        if isinstance(stop, OSError) and not failed_writes:
+            raise
+        if not hasattr(stop, "kept"):
+            stop.kept = note() if callable(note) else note
         raise
 
 
@@ -161,6 +178,91 @@ def atomic_write(path: Path, content: bytes | str) -> None:
             error.filename = str(path)
         raise
     fsync_path(path.parent)
+
+
+def os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind an error a third-party writer raised: safetensors says "... (os error 27)", torch.save a
+    RuntimeError whose context is the OSError. None when it is not a failed write."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        found = re.search(r"\(os error (\d+)\)", str(seen))
+        if found:
+            return OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Around a third-party writer (safetensors, torch.save to an open file): an error that stands for a failed
+    write becomes that OSError, naming `path`, which run_main reports in one line as it does any failed write."""
+    try:
+        yield
+    except Exception as error:
+        os_error = os_error_of(error)
+        if os_error is None:
+            raise
+        if os_error.filename is None:
+            os_error.filename = str(path)
+        if os_error is error:
+            raise
+        raise os_error from error
+
+
+# One writer per run folder and per rationale cache file: an flock, which the OS drops when its process ends,
+# however it ends (kill -9 too), so no lock is ever stale; the lock file itself stays, naming the last holder.
+
+LOCK_FILE = ".lock"  # in a run folder; a cache file's lock is `.<name>.lock` beside it
+_held: dict[Path, list] = {}  # lock file -> [open file, depth]: this process's locks, re-entrant
+
+
+def folder_lock(folder: str | Path, flag: str = "--out") -> contextlib.AbstractContextManager:
+    """The one writer of a run folder: its lock file is inside it."""
+    return exclusive(Path(folder) / LOCK_FILE, folder, flag)
+
+
+def file_lock(path: str | Path, flag: str = "--cache") -> contextlib.AbstractContextManager:
+    """The one writer of a file (a rationale cache file, appended to): its lock file is beside it."""
+    path = Path(path)
+    return exclusive(path.with_name(f".{path.name}.lock"), path, flag)
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, target: str | Path, flag: str) -> Iterator[None]:
+    """The block as the one writer of `target` (a run folder, or a cache file), through the flock of `lock`: taken
+    before any work, held to the end, re-entrant within a process (an experiment's run holds it around train and
+    eval). Another process holding it: a UserError naming the holder (pid, command) and what to do. Readers of
+    finished files take no lock."""
+    path = lock.absolute()
+    if path in _held:
+        _held[path][1] += 1
+        try:
+            yield
+        finally:
+            _held[path][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{target} is in use by {holder}: one writer at a time, or their files would mix; wait for it "
+                        f"to end (or stop it), or choose another {flag}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]})\n")
+    handle.flush()
+    _held[path] = [handle, 1]
+    try:
+        yield
+    finally:
+        _held.pop(path)
+        handle.close()  # closing the file releases the flock
 
 
 def code_revision(folder: Path = Path(__file__).resolve().parent) -> str | None:
@@ -453,10 +555,12 @@ def expected_failure(error: BaseException, memory_hint: str) -> str | None:
         asked = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
         size = (format_bytes(int(asked.group(1))) if asked.group(1).isdigit() else asked.group(1)) if asked else ""
         return f"out of memory{f' (tried to allocate {size})' if size else ''}: {memory_hint}"
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         where = f" writing {error.filename}" if error.filename else ""
-        return (f"no space left on the disk{where}: free some space, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) "
-                "at a disk with room; files written completely are kept, no partial one is left")
+        what = ("a file too large for the size limit (`ulimit -f`) or the file system" if error.errno == errno.EFBIG
+                else "no space left on the disk")
+        return (f"{what}{where}: free some space, or point DATA=, CACHE=, OUT= (or TINYLLM_HOME) at a disk with "
+                "room; files written completely are kept, no partial one is left")
     if isinstance(error, OSError) and error.filename is not None:
         return os_problem(error)
     return None
@@ -508,19 +612,23 @@ def check_folder(path: str | Path, what: str) -> None:
 def run_main(main: Callable[[list[str]], object], memory_hint: str) -> None:
     """Run a script's main(argv) as its `if __name__ == "__main__":` line: an expected failure
     (expected_failure) prints one `error: ...` block and exits 1, with the traceback first under
-    --debug=1 / TINYLLM_DEBUG=1; Ctrl-C prints one line saying what was kept (interrupt_note) and
-    exits 130 (128 + SIGINT, as a shell reports it); a bug keeps Python's traceback. `memory_hint`
+    --debug=1 / TINYLLM_DEBUG=1, and what was kept (on_stop) after it; Ctrl-C and SIGTERM print one line saying
+    what was kept and exit 130 / 143 (128 + the signal, as a shell reports it); a bug keeps Python's traceback.
+    `memory_hint`
     names the flags that lower the memory this script needs."""
     argv = sys.argv[1:]
     debug = debug_requested(argv)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main(argv)
     except KeyboardInterrupt as interrupt:
         Progress.end_line()
         if debug:
             traceback.print_exc()
-        print(f"interrupted: {getattr(interrupt, 'kept', 'nothing was in progress')}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        by = getattr(interrupt, "signal_name", "")
+        print(f"interrupted{f' ({by})' if by else ''}: {getattr(interrupt, 'kept', 'nothing was in progress')}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(143 if by else 130) from None  # 128 + the signal's number, as a shell reports it
     except BaseException as error:
         Progress.end_line()
         message = expected_failure(error, memory_hint)
@@ -528,5 +636,6 @@ def run_main(main: Callable[[list[str]], object], memory_hint: str) -> None:
             raise  # a bug (or a plain exit): Python prints the traceback
         if debug:
             traceback.print_exc()
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        kept = getattr(error, "kept", None)
+        print(f"error: {message}" + (f"; {kept}" if kept else ""), file=sys.stderr, flush=True)
         raise SystemExit(1) from None

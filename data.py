@@ -48,7 +48,7 @@ from torch import nn
 
 import llama
 import t5
-from cli import Progress, UserError, atomic_write, fsync_path, interrupt_note
+from cli import Progress, UserError, atomic_write, fsync_path, on_stop
 
 
 log = logging.getLogger("tinyllm.data")
@@ -316,7 +316,7 @@ def _fetch_one(rel: str, dest: Path, base: str) -> None:
     for attempt in range(2):
         try:
             # Ctrl-C keeps the .part: the next run resumes it with a Range request
-            with interrupt_note(f"the partial download {part} is kept and resumed by the next run"):
+            with on_stop(f"the partial download {part} is kept and resumed by the next run", failed_writes=False):
                 if local is not None:
                     _copy_local(local / rel, part, url, rel)
                     resumed = False

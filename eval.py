@@ -36,7 +36,7 @@ import torch
 import cli
 import data
 from cli import (AUTO_BOOL, BOOL, Progress, Rule, UserError, at_least, atomic_write, flag, format_seconds,
-                 interrupt_note, one_of, parse_flags, resolve_device, run_main, some_of, split_list)
+                 on_stop, one_of, parse_flags, resolve_device, run_main, some_of, split_list)
 from student import accuracy, bf16_supported, load_student, parse_scoring, predict
 
 
@@ -105,6 +105,12 @@ def evaluate(cfg: EvalConfig) -> dict:
             data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None)
         print(f"{cfg.out}: the flags, the data and the run folder are fine (--check_only=1)")
         return {}
+    with cli.folder_lock(cfg.out):  # one writer per run folder, until results.json is written
+        return write_evaluation(cfg, splits, device)
+
+
+def write_evaluation(cfg: EvalConfig, splits: list[str], device: torch.device) -> dict:
+    """evaluate's work: every split's predictions, then predictions.jsonl and results.json, each written whole."""
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
     scorings = parse_scoring(cfg.scoring)
@@ -537,7 +543,7 @@ def main(argv: list[str]) -> None:
         write_table(cfg, table(cfg))
     else:
         # results.json and predictions.jsonl are written whole at the end (atomic_write)
-        with interrupt_note("no result of this evaluation was written (they are written at the end); "
+        with on_stop("no result of this evaluation was written (they are written at the end); "
                             "rerun the same command"):
             evaluate(parse_flags(EvalConfig, argv))
 

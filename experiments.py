@@ -38,7 +38,7 @@ import cli
 import data
 import tinyllm
 import train
-from cli import (BOOL, ConfigT, Rule, UserError, at_least, atomic_write, flag, format_seconds, interrupt_note, one_of,
+from cli import (BOOL, ConfigT, Rule, UserError, at_least, atomic_write, flag, format_seconds, on_stop, one_of,
                  parse_flags, run_main, some_of, split_list)
 from eval import (MATPLOTLIB_HINT, METRIC_NAMES, EvalConfig, Run, TableConfig, bootstrap_interval, correct_by_id, draw,
                   draw_training, evaluate, figure_class, load_run, percent, plot_table, read_results, row_label,
@@ -127,7 +127,12 @@ class RunPlan:
         return (self.folder / "results.json").is_file()
 
     def run(self) -> None:
-        """To its results.json: train (or continue training from last/), then evaluate best/."""
+        """To its results.json: train (or continue training from last/), then evaluate best/, holding the run
+        folder's lock throughout (another process on it stops this run before any work)."""
+        with cli.folder_lock(self.folder):
+            self.train_and_evaluate()
+
+    def train_and_evaluate(self) -> None:
         if not (self.folder / "train.json").is_file():  # written when training ends: then only eval is left
             train.recover_checkpoint(self.folder / "last")  # a kill between its two renames
             resume = (self.folder / "last" / "trainer_state.pt").is_file()
@@ -241,10 +246,11 @@ def run_plans(runs: list[RunPlan]) -> None:
     done = len(runs) - len(todo)
     print(f"{done} of {len(runs)} runs finished already (kept), {len(todo)} to run", flush=True)
     for n, run in enumerate(todo, 1):
-        print(f"--- run {n} of {len(todo)}: {run.folder}", flush=True)
-        # Ctrl-C: finished runs keep their results.json and this one its last/: the same command goes on
-        with interrupt_note(f"{done + n - 1} of {len(runs)} runs are finished and kept, and {run.folder} "
-                            "keeps its last checkpoint if it saved one; the same command continues from there"):
+        # a stop (Ctrl-C, SIGTERM, a full disk): finished runs keep their results.json and this one its last/, and
+        # the same command goes on; the line below is inside, so that a signal right after it says so too
+        with on_stop(f"{done + n - 1} of {len(runs)} runs are finished and kept, and {run.folder} "
+                     "keeps its last checkpoint if it saved one; the same command continues from there"):
+            print(f"--- run {n} of {len(todo)}: {run.folder}", flush=True)
             run.run()
 
 

@@ -19,6 +19,7 @@ References: TinyLLM (Tian et al., arXiv 2402.04616); the OpenAI HTTP API (`/v1/c
 `/v1/chat/completions`).
 """
 import collections
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import data
 import llama
 import prompts
 import t5
-from cli import (BOOL, Progress, UserError, above, at_least, atomic_write, flag, fraction, interrupt_note, one_of,
+from cli import (BOOL, Progress, UserError, above, at_least, atomic_write, flag, fraction, on_stop, one_of,
                  parse_flags, run_main, some_of)
 from data import load_model
 
@@ -685,13 +686,25 @@ def rationales(cfg: RationalesConfig) -> None:
     # Under torchrun the ranks meet once, at the end, after generating for very different times: gloo's
     # barrier, whose timeout is longer than NCCL's and which needs no GPU communicator.
     rank, world_size, device = cli.setup_distributed(cfg.device, backend="gloo")
-    distributed = dist.is_initialized()
+    # One writer per cache file, for the whole command: the file this rank appends to, and on the first rank the
+    # main file too (compacted at the end). A second `make rationales` on the same cache stops here.
+    with contextlib.ExitStack() as locks:
+        for name, _ in teachers:
+            for path in {cache_file(cfg.cache, cfg.dataset, name, rank if world_size > 1 else None),
+                         *([cache_file(cfg.cache, cfg.dataset, name)] if rank == 0 else [])}:
+                locks.enter_context(cli.file_lock(path))
+        fill_cache(cfg, teachers, splits, rank, world_size, device)
 
+
+def fill_cache(cfg: RationalesConfig, teachers: list[tuple[str, str]], splits: list[str], rank: int,
+               world_size: int, device: torch.device) -> None:
+    """rationales' work, under its locks: every teacher's missing rationales, then the summary."""
+    distributed = dist.is_initialized()
     examples = {split: data.load_split(cfg.dataset, split, cfg.data, limit=cfg.limit or None) for split in splits}
     # in-context examples come from the whole training set, so --limit does not change the prompts
     pool = data.load_split(cfg.dataset, "train", cfg.data)
     # Ctrl-C: every batch already written is fsynced; the next run makes only what is missing
-    with interrupt_note(f"the rationales made so far are kept in {Path(cfg.cache) / cfg.dataset}/; the same "
+    with on_stop(f"the rationales made so far are kept in {Path(cfg.cache) / cfg.dataset}/; the same "
                         "command makes only the missing ones"):
         stopped = [why for name, source in teachers
                    if (why := run_teacher(cfg, name, source, examples, pool, str(device), rank, world_size))]

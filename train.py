@@ -41,7 +41,7 @@ import data
 import prompts
 import tinyllm
 from cli import (AUTO_BOOL, BOOL, Rule, UserError, above, at_least, atomic_write, flag, fraction, fsync_path,
-                 format_seconds, interrupt_note, one_of, parse_flags, run_main, setup_distributed)
+                 format_seconds, on_stop, one_of, parse_flags, run_main, setup_distributed)
 from student import (ANSWER_TASK, Student, adapter_state, add_lora, compile_objective, inference_student,
                      load_adapters, load_student, predict)
 
@@ -324,8 +324,8 @@ class LoopState:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Set-up, then one train_step per optimizer step, each followed by maybe_log / maybe_eval / maybe_save.
-    Returns RUN/best, the checkpoint with the best valid accuracy."""
+    """Check every input, take the run folder (one writer: a second process on it stops here), then fit. Returns
+    RUN/best, the checkpoint with the best valid accuracy."""
     rank, world, device = setup_distributed(cfg.device)
     log = print if rank == 0 else (lambda *args, **kwargs: None)
     run = run_folder(cfg)
@@ -333,10 +333,18 @@ def train(cfg: TrainConfig) -> Path:
         log(f"--method=inference trains nothing: `make eval METHOD=inference` evaluates {cfg.student} as is")
         return run
     train_examples, valid_examples, tasks = check_run(cfg, world, log)
-    saved = resume_state(cfg, run)
     if cfg.check_only:
+        resume_state(cfg, run)
         log(f"{run}: the flags, the data, the rationale cache and the run folder are fine (--check_only=1)")
         return run
+    with cli.folder_lock(run) if rank == 0 else contextlib.nullcontext():  # under torchrun, the first rank's
+        return fit(cfg, run, train_examples, valid_examples, tasks, resume_state(cfg, run), rank, world, device, log)
+
+
+def fit(cfg: TrainConfig, run: Path, train_examples: list[data.Example], valid_examples: list[data.Example],
+        tasks: list[Task], saved: dict | None, rank: int, world: int, device: torch.device, log) -> Path:
+    """One train_step per optimizer step (from the saved one, resuming), each followed by maybe_log / maybe_eval /
+    maybe_save; then train.json."""
     torch.manual_seed(cfg.seed)
     student = prepare_student(cfg, run, device, world, saved, log)
     compiled = compile_objective(student) if cfg.compile else None
@@ -565,7 +573,7 @@ def trim_metrics(metrics: Path, step: int) -> None:
     if not metrics.exists():
         return
     keep = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    metrics.write_text("".join(line + "\n" for line in keep))
+    atomic_write(metrics, "".join(line + "\n" for line in keep))
 
 
 def run_folder(cfg: TrainConfig) -> Path:
@@ -595,9 +603,11 @@ def save_checkpoint(student: Student, folder: Path, trainer_state: dict | None =
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     old = None
     try:
-        student.save_pretrained(tmp)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+        with cli.writing(folder):  # safetensors' and torch.save's write errors as the OSError they stand for
+            student.save_pretrained(tmp)
+            if trainer_state is not None:
+                with open(tmp / "trainer_state.pt", "wb") as f:  # an open file: its OSError says why a write failed
+                    torch.save(trainer_state, f)
         for path in tmp.rglob("*"):
             if path.is_file():
                 fsync_path(path)
@@ -637,7 +647,7 @@ def interrupted(cfg: TrainConfig) -> str:
 def main(argv: list[str]) -> None:
     cfg = parse_flags(TrainConfig, argv)
     try:
-        with interrupt_note(lambda: interrupted(cfg)):
+        with on_stop(lambda: interrupted(cfg)):
             train(cfg)
     finally:
         if dist.is_initialized():

@@ -85,7 +85,7 @@ import t5  # noqa: E402
 import tinyllm  # noqa: E402
 import student as students  # noqa: E402
 import train  # noqa: E402
-from cli import UserError, interrupt_note, parse_flags, run_main  # noqa: E402
+from cli import UserError, on_stop, parse_flags, run_main  # noqa: E402
 from conftest import download  # noqa: E402  (tests/ is this script's folder: first on sys.path)
 
 
@@ -1048,7 +1048,7 @@ def main(argv: list[str]) -> list[dict]:
 
 def command_line(argv: list[str]) -> None:
     # OUT/bench.json is written whole at the end: an interrupted run leaves none
-    with interrupt_note("no bench result was written (OUT/bench.json is written at the end)"):
+    with on_stop("no bench result was written (OUT/bench.json is written at the end)"):
         main(argv)
 
 

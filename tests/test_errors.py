@@ -39,7 +39,12 @@ from conftest import REPO, edited_checkpoint, start_server, stop_server
 
 PYTHON = sys.executable  # the venv's python, as `make` runs the scripts
 WORKERS = 3  # concurrent subprocesses: torch's import is CPU-bound, a little over the 2 cores of CI
-LOCK_FILES = {data.LOCK_NAME}  # the downloader's flock file: bookkeeping, never a partial file
+# flock files: bookkeeping, never a partial file (the downloader's; a run folder's and a cache file's, which hold
+# only the last holder's pid and command and block no one once their process ends)
+
+
+def is_lock_file(path: Path) -> bool:
+    return path.name in (data.LOCK_NAME, cli.LOCK_FILE) or (path.name.startswith(".") and path.name.endswith(".lock"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,7 +371,7 @@ def listing(case: SimpleNamespace) -> set[str]:
     """Every file (and link) under the case's DATA, CACHE and OUT, the downloader's lock file aside."""
     root = case.data.parent
     return {str(path.relative_to(root)) for folder in (case.data, case.cache, case.out) if folder.exists()
-            for path in folder.rglob("*") if (path.is_file() or path.is_symlink()) and path.name not in LOCK_FILES}
+            for path in folder.rglob("*") if (path.is_file() or path.is_symlink()) and not is_lock_file(path)}
 
 
 def base_env(world, home: Path) -> dict[str, str]:
@@ -598,7 +603,7 @@ def test_ctrl_c_during_rationales_keeps_the_cache_and_the_same_command_continues
     path = tinyllm.cache_file(cache, "obqa", "srv")
     records, good = tinyllm.read_jsonl(path)  # whole records only (a torn last line would be dropped)
     kept = len(records)
-    assert 4 <= kept < 40 and [p.name for p in path.parent.iterdir()] == [path.name]
+    assert 4 <= kept < 40 and [p.name for p in path.parent.iterdir() if not is_lock_file(p)] == [path.name]
 
     delay["seconds"] = 0.0
     result = subprocess.run(command[:-2] + ["--concurrency=8", command[-1]], cwd=REPO, env=env, capture_output=True,
@@ -622,7 +627,7 @@ def test_ctrl_c_during_training_keeps_the_last_checkpoint_and_resume_continues(w
     assert match, line
     step = int(match.group(1))
     assert step >= 2 and step % 2 == 0
-    assert sorted(p.name for p in run.iterdir()) == ["last", "metrics.jsonl"]  # no temp folder beside it
+    assert sorted(p.name for p in run.iterdir() if not is_lock_file(p)) == ["last", "metrics.jsonl"]  # no temp folder
 
     result = subprocess.run(command + ["--resume=1", f"--stop_at={step + 1}"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
