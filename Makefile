@@ -114,23 +114,25 @@ $(STAMPS)/dev: requirements-dev.txt $(STAMPS)/setup
 setup: $(STAMPS)/setup ## create .venv and install requirements.txt (CPU torch when no NVIDIA GPU)
 
 # ---- the method: rationales (§3.2) -> student (§3.3) -> accuracy ---------------------------------
+# Each script runs as `exec $(PY) ...`: make passes a SIGTERM on to its child, the recipe's shell, and `exec` makes
+# the script that child, so that `kill <make>` stops the script cleanly (one line, nothing half-written).
 all: ## rationales, train and eval in turn
 	$(MAKE) rationales
 	$(MAKE) train
 	$(MAKE) eval
 
 rationales: $(STAMPS)/setup ## teacher rationales into CACHE (paper §3.2, Eq. 1)
-	$(PY) tinyllm.py rationales --dataset=$(DATASET) --teachers="$(TEACHERS)" --data=$(DATA) \
+	exec $(PY) tinyllm.py rationales --dataset=$(DATASET) --teachers="$(TEACHERS)" --data=$(DATA) \
 	  --cache=$(CACHE) --limit=$(LIMIT) --splits=$(SPLITS) --device=$(DEVICE) $(ARGS)
 
 train: $(STAMPS)/setup ## train the student with METHOD into OUT/DATASET/METHOD (paper §3.3, Eq. 2-4)
-	$(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
+	exec $(PY) train.py --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" --alpha="$(ALPHA)" \
 	  --method=$(METHOD) --teacher=$(TEACHER) --data=$(DATA) --cache=$(CACHE) --out=$(RUN) \
 	  --limit=$(LIMIT) --train_limit=$(TRAIN_LIMIT) --device=$(DEVICE) --resume=$(RESUME) --seed=$(SEED) \
 	  --check_only=$(CHECK) $(ARGS) $(TRAIN_ARGS)
 
 eval: $(STAMPS)/setup ## accuracy of the trained student (or STUDENT for METHOD=inference)
-	$(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
+	exec $(PY) eval.py --dataset=$(DATASET) --model=$(MODEL) --method=$(METHOD) --data=$(DATA) \
 	  --out=$(RUN) --limit=$(LIMIT) --scoring=$(SCORING) --device=$(DEVICE) --check_only=$(CHECK) $(ARGS) $(EVAL_ARGS)
 
 # Inference decodes greedily, with no seed: it runs once whatever SEEDS says. One shell for both loops, so
@@ -160,27 +162,27 @@ table: $(STAMPS)/setup ## train+eval each baseline and TinyLLM (per seed of SEED
 	    $(MAKE) --no-print-directory eval METHOD=dss TEACHER=$$t SEED=$$s CHECK=$$c || exit 1; \
 	  done; done; \
 	done
-	$(PY) eval.py table --dataset=$(DATASET) --out=$(OUT)
+	exec $(PY) eval.py table --dataset=$(DATASET) --out=$(OUT)
 
 # ---- the paper's experiments, one command each: resumable (a finished run, with results.json, is kept) -----
 sweep: $(STAMPS)/setup ## TinyLLM for every α combination of ALPHAS (or SWEEP), best on valid (§4.1, Fig. 3)
-	$(PY) experiments.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
+	exec $(PY) experiments.py sweep $(EXPERIMENT) --alphas="$(ALPHAS)" --sweep="$(SWEEP)" $(ARGS)
 
 fractions: $(STAMPS)/setup ## METHODS on FRACTIONS of the training set: the Fig. 2 curve and table
-	$(PY) experiments.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(or $(METHODS),tinyllm dss finetune)" --alpha="$(ALPHA)" $(ARGS)
+	exec $(PY) experiments.py fractions $(EXPERIMENT) --fractions="$(FRACTIONS)" --methods="$(or $(METHODS),tinyllm dss finetune)" --alpha="$(ALPHA)" $(ARGS)
 
 ablations: $(STAMPS)/setup ## Table 2: without each teacher, without in-context examples / teacher forcing
-	$(PY) experiments.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
+	exec $(PY) experiments.py ablations $(EXPERIMENT) --alpha="$(ALPHA)" $(ARGS)
 
 study: $(STAMPS)/setup ## METHODS on every dataset of DATASETS per seed of SEEDS: the pooled paired verdict (OUT/study/)
-	$(PY) experiments.py study $(EXPERIMENT) --datasets="$(DATASETS)" --methods="$(or $(METHODS),finetune tinyllm)" \
+	exec $(PY) experiments.py study $(EXPERIMENT) --datasets="$(DATASETS)" --methods="$(or $(METHODS),finetune tinyllm)" \
 	  --alpha="$(ALPHA)" $(ARGS)
 
 report: $(STAMPS)/setup ## OUT/DATASET/report.md: every table and figure there, with the commands that made them
-	$(PY) experiments.py report --dataset=$(DATASET) --out=$(OUT)
+	exec $(PY) experiments.py report --dataset=$(DATASET) --out=$(OUT)
 
 bench: $(STAMPS)/dev ## speed and memory against transformers, side by side (writes OUT/bench.json)
-	$(PY) tests/bench.py --device=$(DEVICE) --out=$(OUT) $(ARGS)
+	exec $(PY) tests/bench.py --device=$(DEVICE) --out=$(OUT) $(ARGS)
 
 # gpu-check runs where a CUDA build of torch is installed already: the venv's python when there is one, else
 # python3 (a GPU image with torch, transformers and pytest; nothing is installed). The tests' tiny models and the
@@ -193,7 +195,7 @@ gpu-check: ## on a CUDA machine, in < 8 min: the CUDA tests, then the bench on t
 
 # ---- tests --------------------------------------------------------------------------------------
 test: $(STAMPS)/dev ## offline test suite on tiny random weights (assets via TINYLLM_ASSETS)
-	$(PY) -m pytest -q tests $(ARGS)
+	exec $(PY) -m pytest -q tests $(ARGS)
 
 clean: ## remove run outputs (keeps .venv, DATA and CACHE)
 	rm -rf $(OUT) .pytest_cache __pycache__ tests/__pycache__

@@ -255,7 +255,8 @@ def exclusive(lock: Path, target: str | Path, flag: str) -> Iterator[None]:
                         f"to end (or stop it), or choose another {flag}") from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} ({shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]})\n")
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    handle.write(f"pid {os.getpid()} ({command if len(command) <= 200 else command[:199] + '…'})\n")
     handle.flush()
     _held[path] = [handle, 1]
     try:

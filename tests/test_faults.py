@@ -45,11 +45,26 @@ def train_command(world, out: Path, *flags: str) -> list[str]:
             "--log_every=1", "--device=cpu", *flags]
 
 
+CHILDREN: list[subprocess.Popen] = []  # killed after each test, so that a failed one leaves no paused child behind
+
+
+@pytest.fixture(autouse=True)
+def no_child_left():
+    yield
+    while CHILDREN:
+        child = CHILDREN.pop()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
 def start(command: list[str], env: dict, **kwargs) -> subprocess.Popen:
     # SIGINT back to its default in the child: a test run started in the background (`make test &`, nohup)
     # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler, as it should not
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             bufsize=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+    CHILDREN.append(child)
+    return child
 
 
 def wait_for(process: subprocess.Popen, ready: str, timeout: float = 120) -> list[str]:
@@ -151,7 +166,7 @@ def test_a_second_run_on_the_same_folder_stops_before_any_work_and_the_first_is_
     assert second.returncode == 1 and "training " not in second.stdout, second.stdout  # checked its inputs, no more
     line = last_line(second.stderr, "error: ")
     assert re.fullmatch(rf"error: {re.escape(str(out))} is in use by pid {first.pid} \(paused_train\.py "
-                        r"--student=.*\): one writer at a time, or their files would mix; wait for it to end \(or "
+                        r"--student=.{1,200}\): one writer at a time, or their files would mix; wait for it to end \(or "
                         r"stop it\), or choose another --out", line), line
     # so is an eval writing there, and an experiment's run (below); a run on another folder is not blocked
     evaluation = subprocess.run([PYTHON, "eval.py", f"--model={world.student}", f"--data={world.data}",
