@@ -880,6 +880,12 @@ EXPERIMENTS = {"sweep": (SweepConfig, sweep), "fractions": (FractionsConfig, fra
 
 def main(argv: list[str]) -> None:
     command = argv[0] if argv else ""
+    if command in ("--help", "-h", "help"):
+        configs = {name: config for name, (config, _) in EXPERIMENTS.items()} | {"report": ReportConfig}
+        print("usage: python experiments.py <command> [--key=value ...]\n" + "\n".join(
+            f"  {name:<10} {config.__doc__.split(': ', 1)[1].splitlines()[0]}" for name, config in configs.items()) +
+            "\n`python experiments.py <command> --help` lists its flags")
+        return
     if command == "report":
         report(parse_flags(ReportConfig, argv[1:], command))
     elif command in EXPERIMENTS:

@@ -643,3 +643,14 @@ def test_eval_shows_progress_per_split(world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for split in ("test", "valid"):  # not a terminal: plain lines, the last one at 3/3
         assert re.search(rf"^obqa {split}: 3/3  [\d.]+ examples/s  ETA 0:00:00$", result.stderr, re.M), result.stderr
+
+
+def test_experiments_py_lists_its_commands():
+    import experiments
+    with pytest.raises(SystemExit) as no_command:
+        experiments.main([])
+    assert "expected one of sweep, fractions, ablations, study, report" in str(no_command.value)
+    listed = subprocess.run([PYTHON, "experiments.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stdout.startswith("usage: python experiments.py <command>")
+    for command in ("sweep", "fractions", "ablations", "study", "report"):
+        assert re.search(rf"^  {command} +\S", listed.stdout, re.M), listed.stdout
