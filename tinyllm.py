@@ -589,6 +589,15 @@ def make_jobs(cfg: RationalesConfig, prompted: bool, examples: dict[str, list], 
     return jobs
 
 
+def is_stale(record: dict | None, source: str, settings: dict, prompt_sha256: str | None) -> bool:
+    """The cache's remake rule: an example's rationale is made (again) when it has no record, its record is an
+    error, or the record was made from another source, with other settings (k, seed, teacher forcing, decoding;
+    a release record: another cleaning), or from another prompt (the sha256 of the prompt text; None for a
+    teacher that takes no prompt). Otherwise the cached record stands."""
+    return (record is None or record["error"] is not None or record["source"] != source
+            or record["settings"] != settings or record["prompt_sha256"] != prompt_sha256)
+
+
 def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[str, list], pool: list,
                 device: str, rank: int, world_size: int) -> str | None:
     """Make what is missing or stale of one teacher's rationales; None, or why it stopped early."""
@@ -601,14 +610,8 @@ def run_teacher(cfg: RationalesConfig, name: str, source: str, examples: dict[st
     jobs = make_jobs(cfg, prompted, examples, pool)
     jobs = jobs[rank::world_size]  # positions, not what is missing: every rank agrees without talking
     cached = read_cache(cfg.cache, cfg.dataset, name)
-
-    def stale(job: Job) -> bool:
-        record = cached.get((job.split, job.example.id))
-        return (record is None or record["error"] is not None or record["source"] != source
-                or record["settings"] != settings
-                or record["prompt_sha256"] != (prompts.prompt_sha256(job.prompt) if prompted else None))
-
-    todo = [job for job in jobs if stale(job)]
+    todo = [job for job in jobs if is_stale(cached.get((job.split, job.example.id)), source, settings,
+                                            prompts.prompt_sha256(job.prompt) if prompted else None)]
     print(f"{name} ({source}): {len(jobs) - len(todo)} cached, {len(todo)} to make"
           + (f" on rank {rank}/{world_size}" if world_size > 1 else ""), file=sys.stderr, flush=True)
     if not todo:

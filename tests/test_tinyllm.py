@@ -631,3 +631,23 @@ def test_sample_token_one_sampler_for_both_teacher_kinds():
                          minlength=4).float() / 20_000  # temperature 2: p ** (1/2), renormalised
     flat = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 0.5
     assert hot.tolist() == pytest.approx((flat / flat.sum()).tolist(), abs=0.015)
+
+
+def test_is_stale_remakes_a_record_for_each_condition_alone():
+    """The cache's remake rule, one condition at a time: a record made from the same source, settings and prompt
+    stands; no record, an error, another source, other settings or another prompt each alone makes it stale."""
+    settings = {"k": 2, "seed": 0, "teacher_forcing": True, "max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+    record = {"source": "openai:http://x/v1#m", "settings": dict(settings), "error": None,
+              "prompt_sha256": "ab" * 32, "rationale": "r"}
+    fresh = dict(record=record, source=record["source"], settings=settings, prompt_sha256=record["prompt_sha256"])
+    assert tinyllm.is_stale(**fresh) is False
+    changes = {"no record": dict(record=None),
+               "an error": dict(record={**record, "error": "HTTP 500"}),
+               "another source": dict(source="openai:http://y/v1#m"),
+               "other settings": dict(settings={**settings, "k": 0}),
+               "another prompt": dict(prompt_sha256="cd" * 32)}
+    for what, change in changes.items():
+        assert tinyllm.is_stale(**{**fresh, **change}) is True, what
+    # a teacher that takes no prompt (the release) records None and is asked with None: it stands
+    release = {**record, "prompt_sha256": None}
+    assert tinyllm.is_stale(release, record["source"], settings, None) is False
