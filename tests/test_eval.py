@@ -443,3 +443,31 @@ def test_std_ratio_interval_by_direct_computation():
     low, high = evaluation.std_ratio_interval(noisy, steady)
     assert np.std(steady, ddof=1) / np.std(noisy, ddof=1) == pytest.approx(0.1)
     assert high < 0.2 and low > 0.05
+
+
+def test_resampling_statistics_exactly_on_degenerate_cases():
+    """Cases whose answer is known exactly, so that an off-by-one in a hit count, a chunk or a draw shows:
+    all-zero differences tie with every sign flip (p = 1 exactly); constant differences give the interval
+    (c, c) exactly, also in a resample count that is not a multiple of the 1,000 drawn at a time; a stratum whose
+    only non-zero difference is question 0 has an interval reaching above 0. The defaults are 10,000 resamples
+    from seed 0."""
+    for resamples in (7, 2500):
+        assert evaluation.sign_flip_p(np.zeros(5), resamples) == 1.0
+        assert evaluation.bootstrap_interval([np.full(4, 0.5), np.full(3, 0.5)], resamples) == (50.0, 50.0)
+        first, last = np.zeros((3, 4)), np.full((2, 4), 0.25)
+        assert evaluation.seed_bootstrap_interval([(first, last)], resamples) == pytest.approx((25.0, 25.0), abs=1e-12)
+    only_first = np.array([1.0, 0.0, 0.0, 0.0])
+    assert evaluation.bootstrap_interval([only_first], 2000)[1] > 0
+    firsts, lasts = np.zeros((2, 4)), np.tile(only_first, (2, 1))
+    assert evaluation.seed_bootstrap_interval([(firsts, lasts)], 2000)[1] > 0
+    rng = np.random.default_rng(11)
+    diff = rng.choice([-1.0, 0.0, 1.0], 60)
+    assert evaluation.sign_flip_p(diff) == evaluation.sign_flip_p(diff, 10_000, 0)
+    assert evaluation.bootstrap_interval([diff]) == evaluation.bootstrap_interval([diff], 10_000, 0)
+    ours, base = list(rng.random(40) < 0.6), list(rng.random(40) < 0.5)
+    assert evaluation.paired_bootstrap(ours, base) == evaluation.paired_bootstrap(ours, base, 10_000, 0)
+    strata = [(rng.random((3, 30)).round(), rng.random((3, 30)).round())]
+    assert evaluation.seed_bootstrap_interval(strata) == evaluation.seed_bootstrap_interval(strata, 10_000, 0)
+    assert evaluation.seed_permutation_p(strata) == evaluation.seed_permutation_p(strata, 10_000, 0)
+    runs = rng.normal(40, 3, 5)
+    assert evaluation.std_ratio_interval(runs, runs * 2) == evaluation.std_ratio_interval(runs, runs * 2, 10_000, 0)
