@@ -699,7 +699,7 @@ def verdict(comparison: str, pooled: dict, seeds_used: dict[str, int]) -> str:
         head = f"No difference established: {comparison} = {pooled['diff']:+.2f} points"
     counts = sorted(set(seeds_used.values()))
     seeds = (f"{counts[0]} seed{'s' if counts[0] != 1 else ''} per method on each" if len(counts) == 1 else
-             "; ".join(f"{n} seeds of {d}" for d, n in seeds_used.items()))
+             " and ".join(f"{n} seed{'s' if n != 1 else ''} of {d}" for d, n in seeds_used.items()))
     fixed = pooled["runs_fixed"]
     return (f"**{head}** (pooled over {pooled['n']:,} test questions of {len(seeds_used)} dataset"
             f"{'s' if len(seeds_used) != 1 else ''}, {seeds}; 95% CI with the seeds resampled "
