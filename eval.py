@@ -365,9 +365,10 @@ def mcnemar_exact(ours: list[bool], base: list[bool]) -> tuple[float, int, int]:
     return min(1.0, 2 * tail), b, c
 
 
-def correct_by_id(run: Run, metric: str, split: str = "test") -> dict[str, bool]:
+def correct_by_id(folder: Path, metric: str, split: str = "test") -> dict[str, bool]:
+    """Question id -> correct by `metric` on `split`, from a run folder's predictions.jsonl."""
     key = "correct" if metric == "accuracy" else METRICS[metric]
-    records = [json.loads(line) for line in (run.folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line.strip()]
     return {r["id"]: r[key] for r in records if r["split"] == split and key in r}
 
 
@@ -379,7 +380,7 @@ def paired_line(ours: Run, base: Run, metric: str, resamples: int, seed: int) ->
                if not (run.folder / "predictions.jsonl").is_file()]
     if missing:
         return f"{label} no {' or '.join(missing)}: run `make eval` | | | |"
-    a, b = correct_by_id(ours, metric), correct_by_id(base, metric)
+    a, b = correct_by_id(ours.folder, metric), correct_by_id(base.folder, metric)
     if a.keys() != b.keys() or not a:
         raise UserError(f"{ours.folder} and {base.folder}: predictions of different test questions ({len(a)} vs "
                         f"{len(b)}): evaluate both with the same --limit")

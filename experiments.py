@@ -40,7 +40,7 @@ import tinyllm
 import train
 from cli import (BOOL, ConfigT, Rule, UserError, at_least, atomic_write, flag, format_seconds, on_stop, one_of,
                  parse_flags, run_main, some_of, split_list)
-from eval import (MATPLOTLIB_HINT, METRIC_NAMES, EvalConfig, Run, TableConfig, bootstrap_interval, correct_by_id, draw,
+from eval import (MATPLOTLIB_HINT, METRIC_NAMES, EvalConfig, TableConfig, bootstrap_interval, correct_by_id, draw,
                   draw_training, evaluate, figure_class, load_run, percent, plot_table, read_results, row_label,
                   seed_bootstrap_interval, seed_permutation_p, sign_flip_p, std_ratio_interval, table, write_table)
 
@@ -557,7 +557,7 @@ def question_scores(folder: Path, metric: str, split: str = "test") -> dict[str,
     """Seed name ("" for a run without seeds) -> {question id: correct} of every finished run of a row."""
     seeds = sorted(path.parent for path in folder.glob("seed*/results.json"))
     runs = {seed.name: seed for seed in seeds} or ({"": folder} if (folder / "results.json").is_file() else {})
-    return {name: correct_by_id(Run(folder.name, "", {}, path), metric, split) for name, path in runs.items()}
+    return {name: correct_by_id(path, metric, split) for name, path in runs.items()}
 
 
 def paired_runs(first: dict[str, dict[str, bool]], last: dict[str, dict[str, bool]]
@@ -693,8 +693,10 @@ def verdict(comparison: str, pooled: dict, seeds_used: dict[str, int]) -> str:
     """The pooled result in one sentence, from the seed-aware interval: "better" or "worse" only when it excludes
     0, else "no difference established"; the number of seeds in; the interval with the runs fixed beside it."""
     ours, base = comparison.split(" − ")
-    if pooled["low"] > 0 or pooled["high"] < 0:
-        head = f"{ours} is {'better' if pooled['diff'] > 0 else 'worse'} than {base} by {abs(pooled['diff']):.2f} points"
+    if pooled["low"] > 0:
+        head = f"{ours} is better than {base} by {pooled['diff']:.2f} points"
+    elif pooled["high"] < 0:
+        head = f"{ours} is worse than {base} by {-pooled['diff']:.2f} points"
     else:
         head = f"No difference established: {comparison} = {pooled['diff']:+.2f} points"
     counts = sorted(set(seeds_used.values()))

@@ -194,7 +194,7 @@ def build_tasks(cfg: TrainConfig, examples: list[data.Example], log=print) -> li
         if not any(ex.id in records for ex in examples):  # the cache was made for other examples (another LIMIT)
             raise UserError(f"{name}: none of the {len(examples)} train examples"
                             f"{f' (--limit={cfg.limit})' if cfg.limit else ''} has a rationale in "
-                            f"{Path(cfg.cache) / cfg.dataset / (name + '.jsonl')} ({len(records)} records, none for "
+                            f"{tinyllm.cache_file(cfg.cache, cfg.dataset, name)} ({len(records)} records, none for "
                             "these): run `make rationales` with the same DATASET and LIMIT first")
         log(f"{name}: rationales for {len(targets)}/{len(examples)} train examples "
             f"(missing or degenerate ones are left out of L_{name}), α = {alpha[name]:g}")
