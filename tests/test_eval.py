@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +65,47 @@ def test_accuracy_of_hand_made_outputs():
     assert [r["prediction"] for r in records] == [1, 1, 0, None]
     assert [r["correct"] for r in records] == [True, False, True, False]
     assert students.accuracy(records) == 0.5
+    assert students.accuracy(records, "correct_generate") == 0.5 and students.accuracy([]) == 0.0
     assert [r["id"] for r in records] == ["q1", "q2", "q3", "q4"]  # input order, whatever the batching
     assert students.predict(student, EXAMPLES, "generate", batch_size=1) == records
+
+
+def test_acc_norm_divides_each_options_score_by_its_bytes_one_byte_too():
+    """acc_norm per UTF-8 byte of each option's text: "a" (1 byte, -1.0) against "bc" (2 bytes, -1.6 in all,
+    -0.8 a byte) — the sum picks "a", per byte "bc"."""
+    example = data.Example("b1", "Which is first?", ("a", "bc"), 1)
+
+    class OneByteOption(HandMadeStudent):
+        def encode_prompt(self, text: str) -> list[int]:
+            return [0]
+
+        def score_options(self, prompt_rows, options):
+            return [[-1.0, -1.6]]
+
+    record = students.predict(OneByteOption({}), [example], "rank")[0]
+    assert record["lengths"] == [1, 2] and (record["prediction_sum"], record["prediction_norm"]) == (0, 1)
+    assert record["correct_norm"] and not record["correct_sum"]
+
+
+def test_predict_without_settings_scores_like_make_eval():
+    """predict's defaults are eval.py's (EvalConfig): generate, 32 questions a batch, prompts of up to 1,024 tokens
+    before 64 new ones."""
+    cfg, seen = evaluation.EvalConfig(), {"batches": []}
+
+    class Recording(HandMadeStudent):
+        def prompt_limit(self, limit: int, reserve: int) -> int:
+            seen["limit"] = (limit, reserve)
+            return super().prompt_limit(limit, reserve)
+
+        def generate(self, prompt_rows, max_new_tokens):
+            seen["batches"].append(len(prompt_rows))
+            seen["new"] = max_new_tokens
+            return super().generate(prompt_rows, max_new_tokens)
+
+    records = students.predict(Recording({"q1": "blood", "q2": "ice", "q3": "cat", "q4": "bird"}), EXAMPLES * 10)
+    assert seen == {"limit": (cfg.max_input_tokens, cfg.max_new_tokens), "batches": [cfg.batch_size, 8],
+                    "new": cfg.max_new_tokens}
+    assert cfg.scoring == "generate" and all("output" in r and "scores" not in r for r in records)
 
 
 def test_rank_scoring_picks_the_most_likely_option():
@@ -449,8 +490,7 @@ def test_resampling_statistics_exactly_on_degenerate_cases():
     """Cases whose answer is known exactly, so that an off-by-one in a hit count, a chunk or a draw shows:
     all-zero differences tie with every sign flip (p = 1 exactly); constant differences give the interval
     (c, c) exactly, also in a resample count that is not a multiple of the 1,000 drawn at a time; a stratum whose
-    only non-zero difference is question 0 has an interval reaching above 0. The defaults are 10,000 resamples
-    from seed 0."""
+    only non-zero difference is question 0 has an interval reaching above 0."""
     for resamples in (7, 2500):
         assert evaluation.sign_flip_p(np.zeros(5), resamples) == 1.0
         assert evaluation.bootstrap_interval([np.full(4, 0.5), np.full(3, 0.5)], resamples) == (50.0, 50.0)
@@ -460,14 +500,81 @@ def test_resampling_statistics_exactly_on_degenerate_cases():
     assert evaluation.bootstrap_interval([only_first], 2000)[1] > 0
     firsts, lasts = np.zeros((2, 4)), np.tile(only_first, (2, 1))
     assert evaluation.seed_bootstrap_interval([(firsts, lasts)], 2000)[1] > 0
+
+
+def test_the_defaults_are_10000_resamples_from_seed_0(monkeypatch):
+    """Each resampling statistic called without its last two arguments is the call with (10_000, 0), on data fine
+    enough that another count or seed moves the result (checked, so the equalities can fail). The paired
+    bootstrap of two runs' correct/incorrect (a coarse grid of values) hands its arguments to bootstrap_interval."""
     rng = np.random.default_rng(11)
-    diff = rng.choice([-1.0, 0.0, 1.0], 60)
-    assert evaluation.sign_flip_p(diff) == evaluation.sign_flip_p(diff, 10_000, 0)
-    assert evaluation.bootstrap_interval([diff]) == evaluation.bootstrap_interval([diff], 10_000, 0)
-    ours, base = list(rng.random(40) < 0.6), list(rng.random(40) < 0.5)
-    assert evaluation.paired_bootstrap(ours, base) == evaluation.paired_bootstrap(ours, base, 10_000, 0)
-    strata = [(rng.random((3, 30)).round(), rng.random((3, 30)).round())]
-    assert evaluation.seed_bootstrap_interval(strata) == evaluation.seed_bootstrap_interval(strata, 10_000, 0)
-    assert evaluation.seed_permutation_p(strata) == evaluation.seed_permutation_p(strata, 10_000, 0)
-    runs = rng.normal(40, 3, 5)
-    assert evaluation.std_ratio_interval(runs, runs * 2) == evaluation.std_ratio_interval(runs, runs * 2, 10_000, 0)
+    diff = rng.normal(0.1, 1.0, 300)  # seed-averaged differences take many values: no two resamplings tie
+    strata = [(rng.random((3, 200)), rng.random((3, 200)))]  # any scores in [0, 1], not only 0 and 1
+    cases = [(evaluation.sign_flip_p, (diff,)), (evaluation.bootstrap_interval, ([diff],)),
+             (evaluation.seed_bootstrap_interval, (strata,)),
+             (evaluation.std_ratio_interval, (rng.normal(35, 2, 5), rng.normal(37, 1, 4)))]
+    for statistic, args in cases:
+        default = statistic(*args)
+        assert default == statistic(*args, 10_000, 0), statistic.__name__
+        assert default != statistic(*args, 10_001, 0) and default != statistic(*args, 10_000, 1), statistic.__name__
+    calls = []
+    monkeypatch.setattr(evaluation, "bootstrap_interval", lambda *args: calls.append(args[1:]) or (0.0, 0.0))
+    evaluation.paired_bootstrap([True, False], [False, False])
+    assert calls == [(10_000, 0)]
+
+
+def hand_permutation_case() -> list[tuple[np.ndarray, np.ndarray]]:
+    """One dataset, 2 seeds per method, 2 questions: fine-tuning's runs both 0%, TinyLLM's both 100%. Of the
+    C(4, 2) = 6 ways to label two of the four runs TinyLLM, two give |difference| = 100 points (the observed
+    labelling and its mirror) and four give 0: p = 2/6 exactly."""
+    return [(np.zeros((2, 2)), np.ones((2, 2)))]
+
+
+def test_seed_permutation_p_exactly_in_both_branches(monkeypatch):
+    """The exact branch on the hand case (1/3) and at its threshold; the random branch draws valid relabellings
+    (k of the S runs each time: about 1/3, where shuffling all draws together lands near 1/8), counts
+    (hits + 1) / (draws + 1) exactly (a case where every relabelling reaches the observed size: 1), and is
+    reproducible from its seed, 0 by default, with 10,000 draws by default."""
+    strata = hand_permutation_case()
+    assert evaluation.seed_permutation_p(strata) == (pytest.approx(1 / 3, abs=1e-15), 6)
+    monkeypatch.setattr(evaluation, "EXACT_RELABELLINGS", 6)  # exactly at the threshold: still enumerated
+    assert evaluation.seed_permutation_p(strata) == (pytest.approx(1 / 3, abs=1e-15), 6)
+    monkeypatch.setattr(evaluation, "EXACT_RELABELLINGS", 5)
+    p, relabellings = evaluation.seed_permutation_p(strata, 20_000, 5)
+    assert relabellings == 0 and p == pytest.approx(1 / 3, abs=0.01)
+    assert evaluation.seed_permutation_p(strata, 20_000, 5) == (p, 0)
+    default = evaluation.seed_permutation_p(strata)
+    assert default == evaluation.seed_permutation_p(strata, 10_000, 0)
+    assert default != evaluation.seed_permutation_p(strata, 10_001, 0)
+    assert default != evaluation.seed_permutation_p(strata, 10_000, 1)
+    # one run per method: both labellings give the same size, so every draw is a hit and p is 1, exactly
+    one_seed = [(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]]))]
+    monkeypatch.setattr(evaluation, "EXACT_RELABELLINGS", 1)
+    assert evaluation.seed_permutation_p(one_seed, 999) == (1.0, 0)
+
+
+def test_std_ratio_interval_against_a_plain_loop():
+    """The interval by a plain loop over the same draws (each method's runs drawn with replacement, first's draws
+    then last's): the sample standard deviations (n - 1) of runs of unequal counts, their ratio (infinite when
+    first's drawn runs are alike, dropped when both are), and the 2.5th and 97.5th percentiles as order
+    statistics (the smallest value with at least that share of the ratios at or below it). No warning is
+    printed for either division by zero."""
+    def by_hand(first: np.ndarray, last: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+        rng = np.random.default_rng(seed)
+        first_draws = rng.integers(0, len(first), (resamples, len(first)))
+        last_draws = rng.integers(0, len(last), (resamples, len(last)))
+        ratios = []
+        for i, j in zip(first_draws, last_draws):
+            a, b = statistics.stdev(first[i]), statistics.stdev(last[j])
+            if a or b:
+                ratios.append(b / a if a else math.inf)
+        ratios.sort()
+        return tuple(ratios[math.ceil(q * len(ratios)) - 1] for q in (0.025, 0.975))
+
+    first, last = np.array([31.0, 32.5, 33.0, 35.5, 38.25]), np.array([36.0, 36.5, 37.75, 38.0])
+    low, high = evaluation.std_ratio_interval(first, last, 3000, 2)
+    assert (low, high) == pytest.approx(by_hand(first, last, 3000, 2), rel=1e-12)
+    assert 0 < low < high < math.inf  # both ends are ratios of drawn spreads, which the n - 1 and the order set
+    alike = np.array([40.0, 40.0, 41.0])  # some draws all 40: x / 0 and 0 / 0 both happen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluation.std_ratio_interval(alike, alike, 3000, 2) == by_hand(alike, alike, 3000, 2)

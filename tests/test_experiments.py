@@ -488,6 +488,99 @@ def test_the_committed_study_rebuilds_its_table_and_the_readme_quotes_its_verdic
     assert len(quoted) >= 6 and all(" ".join(line.split()) in readme for line in quoted)  # the table, whole
 
 
+def test_question_scores_of_a_row_with_and_without_seeds(tmp_path):
+    """A row's runs by seed name ("" when the row is one run without seeds), each {question id: correct} on the
+    split asked for, by the metric asked for."""
+    def predictions(folder: Path, rows: list[dict]) -> None:
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text("{}")
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    rows = [{"split": "test", "id": "a", "correct": True, "correct_norm": False},
+            {"split": "valid", "id": "v", "correct": False, "correct_norm": True},
+            {"split": "test", "id": "b", "correct": False, "correct_norm": True}]
+    predictions(tmp_path / "single", rows)
+    assert experiments.question_scores(tmp_path / "single", "accuracy") == {"": {"a": True, "b": False}}
+    assert experiments.question_scores(tmp_path / "single", "accuracy_norm") == {"": {"a": False, "b": True}}
+    assert experiments.question_scores(tmp_path / "single", "accuracy", "valid") == {"": {"v": False}}
+    predictions(tmp_path / "seeded" / "seed1", rows[:1])
+    predictions(tmp_path / "seeded" / "seed0", rows[1:])
+    (tmp_path / "seeded" / "seed2").mkdir()  # not finished: no results.json
+    assert experiments.question_scores(tmp_path / "seeded", "accuracy") == {"seed0": {"b": False},
+                                                                             "seed1": {"a": True}}
+    assert experiments.question_scores(tmp_path / "nothing", "accuracy") == {}
+
+
+def test_paired_runs_on_the_seeds_both_finished():
+    """The seeds both methods finished, sorted, with each method's runs as (seeds, questions) floats in sorted
+    question order; one seed is enough; no common seed is None; runs of different questions are an error."""
+    first = {"seed1": {"q2": False, "q1": True}, "seed0": {"q1": False, "q2": False}, "seed7": {"q1": True, "q2": True}}
+    last = {"seed0": {"q2": True, "q1": True}, "seed1": {"q1": True, "q2": False}}
+    seeds, first_runs, last_runs = experiments.paired_runs(first, last)
+    assert seeds == ["seed0", "seed1"]
+    assert first_runs.tolist() == [[0.0, 0.0], [1.0, 0.0]] and last_runs.tolist() == [[1.0, 1.0], [1.0, 0.0]]
+    seeds, first_runs, last_runs = experiments.paired_runs({"": {"q": True}}, {"": {"q": False}})
+    assert seeds == [""] and first_runs.tolist() == [[1.0]] and last_runs.tolist() == [[0.0]]
+    assert experiments.paired_runs({"seed0": {"q": True}}, {"seed1": {"q": True}}) is None
+    with pytest.raises(cli.UserError, match="^study: the runs of one dataset scored different test questions: "
+                                            "evaluate all with the same --limit$"):
+        experiments.paired_runs({"seed0": {"q1": True}}, {"seed0": {"q2": True}})
+
+
+def test_study_analysis_hands_its_resamples_and_seed_to_every_statistic():
+    """Each interval and p of study_analysis is the statistic's own on the same strata, with the same resamples
+    and seed (not the defaults: seed 3 gives other numbers than seed 0); the stability of a dataset whose
+    first method's runs are all alike has no finite ratio bound (None in JSON), and needs two runs of each."""
+    rng = np.random.default_rng(8)
+    strata = {name: ((rng.random((6, n)) < 0.45).astype(float), (rng.random((6, n)) < 0.5).astype(float))
+              for name, n in (("obqa", 50), ("arc", 30))}  # C(12, 6)^2 relabellings: drawn, from the seed
+    analysis = experiments.study_analysis(strata, 700, seed=3)
+    pairs = list(strata.values())
+    pooled = analysis["pooled"]
+    assert (pooled["low"], pooled["high"]) == evaluation.seed_bootstrap_interval(pairs, 700, 3)
+    assert (pooled["p"], pooled["relabellings"]) == evaluation.seed_permutation_p(pairs, 700, 3)
+    assert pooled["relabellings"] == 0
+    diffs = [last.mean(axis=0) - first.mean(axis=0) for first, last in pairs]
+    assert (pooled["runs_fixed"]["low"], pooled["runs_fixed"]["high"]) == evaluation.bootstrap_interval(diffs, 700, 3)
+    assert pooled["runs_fixed"]["p"] == evaluation.sign_flip_p(np.concatenate(diffs), 700, 3)
+    first_acc, last_acc = (100 * runs.mean(axis=1) for runs in strata["arc"])
+    stability = analysis["datasets"]["arc"]["stability"]
+    assert (stability["ratio_low"], stability["ratio_high"]) == evaluation.std_ratio_interval(first_acc, last_acc, 700, 3)
+    other = experiments.study_analysis(strata, 700, seed=0)  # so the equalities above can tell the seeds apart
+    assert all(other["pooled"][key] != pooled[key] for key in ("low", "high", "p"))
+    assert all(other["pooled"]["runs_fixed"][key] != pooled["runs_fixed"][key] for key in ("low", "high", "p"))
+    assert other["datasets"]["arc"]["stability"] != analysis["datasets"]["arc"]["stability"]
+    alike = {"obqa": (np.tile(strata["obqa"][0][:1], (6, 1)), strata["obqa"][1])}
+    stability = experiments.study_analysis(alike, 700, seed=3)["datasets"]["obqa"]["stability"]
+    assert stability["first_std"] == 0.0 and stability["last_std"] > 0
+    assert stability["ratio_low"] is None and stability["ratio_high"] is None  # every drawn ratio is infinite
+    one_run = {"obqa": (strata["obqa"][0][:1], strata["obqa"][1])}
+    assert experiments.study_analysis(one_run, 700)["datasets"]["obqa"]["stability"] is None
+
+
+def test_the_verdict_sentence_on_hand_made_intervals():
+    """"better" or "worse" only when the seed-aware interval excludes 0 (an end at exactly 0 does not), the
+    difference's size then, the seeds counted per dataset when they differ, singular and plural."""
+    def pooled(diff: float, low: float, high: float) -> dict:
+        return dict(n=1010, diff=diff, low=low, high=high, p=0.0123,
+                    runs_fixed=dict(low=low + 1, high=high - 1, p=0.000456))
+
+    comparison = "TinyLLM − Fine-tune"
+    assert experiments.verdict(comparison, pooled(2.5, 0.5, 4.5), {"obqa": 1}) == (
+        "**TinyLLM is better than Fine-tune by 2.50 points** (pooled over 1,010 test questions of 1 dataset, 1 seed "
+        "per method on each; 95% CI with the seeds resampled [+0.50, +4.50], seed-level p = 0.0123; with these "
+        "trained runs held fixed [+1.50, +3.50], p = 0.000456).")
+    assert experiments.verdict(comparison, pooled(-2.5, -4.5, -0.5), {"obqa": 2, "arc": 1}) == (
+        "**TinyLLM is worse than Fine-tune by 2.50 points** (pooled over 1,010 test questions of 2 datasets, 2 seeds "
+        "of obqa and 1 seed of arc; 95% CI with the seeds resampled [-4.50, -0.50], seed-level p = 0.0123; with "
+        "these trained runs held fixed [-3.50, -1.50], p = 0.000456).")
+    no_difference = ("**No difference established: TinyLLM − Fine-tune = {:+.2f} points** (pooled over 1,010 test "
+                     "questions of 2 datasets, 3 seeds per method on each; 95% CI with the seeds resampled")
+    for diff, low, high in ((2.3, -0.9, 5.6), (1.0, 0.0, 2.0), (-1.0, -2.0, 0.0), (0.2, -0.5, 0.5)):
+        sentence = experiments.verdict(comparison, pooled(diff, low, high), {"obqa": 3, "arc": 3})
+        assert sentence.startswith(no_difference.format(diff) + f" [{low:+.2f}, {high:+.2f}]"), sentence
+
+
 @pytest.fixture(scope="session")
 def two_datasets(workspace) -> dict[str, Path]:
     """The workspace with ARC beside OBQA: its release and the released rationales of 4 training examples."""

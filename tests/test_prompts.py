@@ -98,6 +98,15 @@ FOG_CONTEXT = (
     "\n")
 
 
+def test_options_are_lettered_a_to_z_and_no_further():
+    """Up to 26 options get a letter each, in order; a 27th has none, which is an error, not a wrong letter."""
+    options = [f"option {i}" for i in range(26)]
+    lines = prompts.format_options(options).splitlines()
+    assert lines[0] == "(a) option 0" and lines[-1] == "(z) option 25" and len(lines) == 26
+    with pytest.raises(ValueError, match=r"^27 options: at most 26 can be lettered$"):
+        prompts.format_options(options + ["one more"])
+
+
 def test_teacher_forcing_prompt_with_in_context_examples_and_its_ablation(release_data):
     example = example_by_id(release_data, "obqa", "test", "1129")
     context = data.in_context_examples(example, data.load_split("obqa", "train", release_data), k=2, seed=0)

@@ -2,10 +2,12 @@
 DDP (2 gloo processes), truncation, checkpoints. Real OBQA examples, synthetic rationale caches."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -231,6 +233,8 @@ def test_kd_targets_are_the_teachers_stated_answers(data_dir, cache_dir, capsys)
     for ex in examples:  # t1 states the option after the gold one
         assert answer.targets[ex.id] == ex.options[(ex.answer + 1) % len(ex.options)]
     assert f"t1's stated answer is the target for {LIMIT}/{LIMIT} examples (0 agree with gold)" in capsys.readouterr().out
+    train.build_tasks(dataclasses.replace(cfg, teacher="t2"), examples)  # t2 states the gold option
+    assert f"t2's stated answer is the target for {LIMIT}/{LIMIT} examples ({LIMIT} agree with gold)" in capsys.readouterr().out
 
 
 def test_alpha_zero_for_every_teacher_equals_finetune(tiny_t5, tmp_path, data_dir, cache_dir):
@@ -397,9 +401,43 @@ def test_flags_are_type_checked():
         train.parse_flags(train.TrainConfig, ["--learning_rate=1"])
     with pytest.raises(SystemExit, match="--batch_size=eight: expected int"):
         train.parse_flags(train.TrainConfig, ["--batch_size=eight"])
+
+
+def test_alpha_is_name_equals_weight_per_teacher():
+    """--alpha: every teacher 1 unless named; a name must be one of --teachers (any, without them); the weight a
+    number >= 0, all after the first "="; each mistake named in one line."""
     assert train.parse_alpha("b=0.5", ["a", "b"]) == {"a": 1.0, "b": 0.5}
-    with pytest.raises(SystemExit, match="not name=weight for a teacher"):
-        train.parse_alpha("c=1", ["a", "b"])
+    assert train.parse_alpha("", ["a"]) == {"a": 1.0} and train.parse_alpha("x=0 y=3", None) == {"x": 0.0, "y": 3.0}
+    errors = [("c=1", ["a", "b"], "--alpha: 'c=1' is not name=weight for a teacher in --teachers (a b) (ALPHA= for make)"),
+              ("c=1", [], "--alpha: 'c=1' is not name=weight for a teacher in --teachers (none) (ALPHA= for make)"),
+              ("=1", None, "--alpha: '=1' is not name=weight for a teacher in --teachers (none) (ALPHA= for make)"),
+              ("a", ["a"], "--alpha: 'a' is not name=weight for a teacher in --teachers (a) (ALPHA= for make)"),
+              ("a=0.5=2", ["a"], "--alpha: weight '0.5=2' of a is not a number (ALPHA= for make)"),
+              ("a=-1", ["a"], "--alpha: weight -1 of a must be >= 0, Eq. 2's α_m (ALPHA= for make)"),
+              ("a=nan", ["a"], "--alpha: weight nan of a must be >= 0, Eq. 2's α_m (ALPHA= for make)"),
+              ("a=inf", ["a"], "--alpha: weight inf of a must be >= 0, Eq. 2's α_m (ALPHA= for make)")]
+    for alpha, names, message in errors:
+        with pytest.raises(SystemExit, match="^" + re.escape(message) + "$"):
+            train.parse_alpha(alpha, names)
+
+
+def test_rationales_of_other_examples_name_the_file_and_the_fix(data_dir, cache_dir, capsys):
+    """A cache that holds none of these examples (made with another LIMIT) stops before training, naming the
+    examples, the file, its records and the fix; where it holds them, each teacher's task is announced."""
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir)
+    train.build_tasks(cfg, examples)
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"t1: rationales for {LIMIT}/{LIMIT} train examples (missing or degenerate ones are left out of "
+                   "L_t1), α = 1", f"t2: rationales for {LIMIT - 1}/{LIMIT} train examples (missing or degenerate "
+                   "ones are left out of L_t2), α = 1"]
+    others = data.load_split("obqa", "train", data_dir)[100:104]
+    for limit, shown in ((0, ""), (4, " (--limit=4)")):
+        with pytest.raises(SystemExit, match="^" + re.escape(
+                f"t1: none of the 4 train examples{shown} has a rationale in {cache_dir / 'obqa' / 't1.jsonl'} "
+                "(8 records, none for these): run `make rationales` with the same DATASET and LIMIT first")  # cache_dir: 8
+                + "$"):
+            train.build_tasks(dataclasses.replace(cfg, limit=limit), others, log=lambda *a, **k: None)
 
 
 def test_missing_cache_names_the_file_and_the_fix(data_dir, tmp_path):
@@ -407,6 +445,120 @@ def test_missing_cache_names_the_file_and_the_fix(data_dir, tmp_path):
     cfg = config(Path("unused"), Path("unused"), data_dir, tmp_path)
     with pytest.raises(SystemExit, match=r"no train rationales of teacher 't1' in .*t1.jsonl: run `make rationales`"):
         train.build_tasks(cfg, examples)
+
+
+def test_which_cached_rationales_become_targets(data_dir, cache_dir):
+    """A record is a target only with a non-blank rationale, no error and not degenerate (each condition alone);
+    a teacher's records come from the cache only when made by the source TEACHERS names for it (a bare name
+    accepts any), the train split's only."""
+    good = {"rationale": "  Blood is red.\n", "error": None, "degenerate": False}
+    assert train.usable_rationale(good) == "Blood is red."
+    for bad in ({"error": "timeout"}, {"degenerate": True}, {"rationale": " \n"}, {"rationale": None}, {}):
+        assert train.usable_rationale({**good, **bad} if bad else bad) is None, bad
+    assert train.usable_rationale(None) is None
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir)
+    records = train.teacher_rationales(cfg, "t1", "test")
+    assert len(records) == 8 and all(r["split"] == "train" and r["source"] == "test" for r in records.values())
+    assert train.teacher_rationales(cfg, "t1", "") == records
+    with pytest.raises(SystemExit, match=r"t1.jsonl: rationales made by test, but TEACHERS says t1=another-model"):
+        train.teacher_rationales(cfg, "t1", "another-model")
+
+
+def test_every_method_that_reads_the_cache_holds_it_to_the_named_source(data_dir, cache_dir):
+    """tinyllm (each teacher), dss and kd (the one teacher) refuse rationales another source made."""
+    cfg = config(Path("unused"), Path("unused"), data_dir, cache_dir, teachers="t1=another-model t2")
+    examples = data.load_split("obqa", "train", data_dir, limit=LIMIT)
+    for method in ("tinyllm", "dss", "kd"):
+        other = dataclasses.replace(cfg, method=method)
+        with pytest.raises(SystemExit, match=r"t1.jsonl: rationales made by test, but TEACHERS says t1=another-model"):
+            train.build_tasks(other, examples, log=lambda *a, **k: None)
+
+
+def test_one_micro_batch_is_eq_2_with_each_task_over_its_tokens_in_the_step():
+    """micro_batch_loss with the student's token losses given by hand: a row's tokens weigh w_t / (task t's tokens
+    in the whole step), times the world size (DDP averages gradients over ranks); each task's share of its mean
+    loss comes back. The answer task has one token in the step (2.0), the teacher task three (1, 2, 3), α = 0.5."""
+    class HandMadeLosses:
+        device = torch.device("cpu")
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def target_loss(self, examples, row_weights):
+            rows = [row for example in examples for row in example]
+            losses = [torch.tensor(target, dtype=torch.float32) for _, target in rows]  # the "CE" of each token
+            token_rows = torch.cat([torch.full((len(l),), r) for r, l in enumerate(losses)])
+            losses = torch.cat(losses)
+            return (row_weights[token_rows] * losses).sum(), losses, token_rows
+
+    micro = [[(0, "prompt", [2.0]), (1, "prompt", [1.0, 2.0])], [(1, "prompt", [3.0])]]  # (task, prompt, target)
+    weights, task_tokens = torch.tensor([1.0, 0.5]), torch.tensor([1.0, 3.0])
+    loss, task_losses = train.micro_batch_loss(HandMadeLosses(), micro, weights, task_tokens, world=1)
+    assert loss.item() == pytest.approx(1.0 * 2.0 / 1 + 0.5 * (1 + 2 + 3) / 3)
+    assert task_losses.tolist() == pytest.approx([2.0, 2.0])
+    loss, task_losses = train.micro_batch_loss(HandMadeLosses(), micro[:1], weights, task_tokens, world=2)
+    assert loss.item() == pytest.approx(2 * (2.0 + 0.5 * 3 / 3)) and task_losses.tolist() == pytest.approx([2.0, 1.0])
+
+
+def test_each_evaluation_scores_this_ranks_share_and_only_rank_0_writes(tmp_path, monkeypatch):
+    """maybe_eval, one evaluation at a time: valid accuracy over this rank's share (rank, world handed on), the
+    best moves on a strictly higher accuracy only (a tie keeps the earlier step), and rank 0 alone saves RUN/best
+    and appends to metrics.jsonl; every rank keeps the same best in its state."""
+    scores, seen, saved, lines = [0.25, 0.5, 0.5, 0.75], [], [], []
+    monkeypatch.setattr(train, "valid_accuracy", lambda student, examples, cfg, rank, world:
+                        seen.append((rank, world)) or scores.pop(0))
+    monkeypatch.setattr(train, "save_checkpoint", lambda student, path, *args: saved.append((state.step, path.name)))
+    state, metrics = train.LoopState(), tmp_path / "metrics.jsonl"
+    for step, rank in ((1, 0), (2, 0), (3, 0), (4, 1)):
+        state.step = step
+        train.maybe_eval(None, [], None, state, tmp_path, metrics, lambda text, **_: lines.append(text), rank, 2)
+    assert seen == [(0, 2), (0, 2), (0, 2), (1, 2)]
+    assert saved == [(1, "best"), (2, "best")] and (state.best_step, state.best_accuracy) == (4, 0.75)
+    assert [json.loads(line) for line in metrics.read_text().splitlines()] == [
+        {"step": 1, "valid_accuracy": 0.25}, {"step": 2, "valid_accuracy": 0.5}, {"step": 3, "valid_accuracy": 0.5}]
+    assert lines[2] == "step 3: valid accuracy 0.5000 (best 0.5000 at step 2)"
+    assert lines[1] == f"step 2: valid accuracy 0.5000 (best 0.5000 at step 2) -> saved {tmp_path / 'best'}"
+
+
+def test_valid_accuracy_is_greedy_answers_on_this_ranks_share_summed_over_ranks(monkeypatch):
+    """Validation generates (the paper's exact match) with the config's batch and lengths, on every world-th
+    question from this rank's, through the student as eval.py loads it; the correct and total counts are summed
+    over ranks (here the other ranks add 2 correct of 7) and divided in float64."""
+    calls = []
+
+    def predict(student, examples, scoring, batch_size, max_input_tokens, max_new_tokens):
+        calls.append((student, examples, scoring, batch_size, max_input_tokens, max_new_tokens))
+        return [{"correct": ex.id in ("q1", "q7")} for ex in examples]
+
+    monkeypatch.setattr(train, "predict", predict)
+    monkeypatch.setattr(train, "inference_student", lambda student: ("as eval.py loads", student))
+    monkeypatch.setattr(train, "all_reduce_sum", lambda counts: counts + torch.tensor([2, 7], dtype=counts.dtype))
+    examples = [data.Example(f"q{i}", "?", ("a", "b"), 0) for i in range(10)]
+    cfg = train.TrainConfig(eval_batch_size=5, max_input_tokens=77, max_new_tokens=9)
+    student = SimpleNamespace(device=torch.device("cpu"))
+    assert train.valid_accuracy(student, examples, cfg, 1, 3) == (2 + 2) / (3 + 7)  # exactly 0.4, a float64
+    assert calls == [(("as eval.py loads", student), [examples[1], examples[4], examples[7]], "generate", 5, 77, 9)]
+    monkeypatch.setattr(train, "all_reduce_sum", lambda counts: counts)  # one process, one question
+    assert train.valid_accuracy(student, examples[1:2], cfg, 0, 1) == 1.0
+
+
+def test_a_save_keeps_what_resume_needs_and_every_rank_waits_for_it(tmp_path, monkeypatch):
+    """RUN/last's trainer state gives back the loop's step, best accuracy and step, and the wall time so far
+    (LoopState.resumed); only rank 0 writes it, and with more than one process every rank waits at a barrier."""
+    saved, barriers = [], []
+    monkeypatch.setattr(train, "save_checkpoint", lambda student, path, state=None: saved.append((path.name, state)))
+    monkeypatch.setattr(train.dist, "barrier", lambda: barriers.append(1))
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cfg = train.TrainConfig(method="finetune")
+    state = train.LoopState(step=7, best_accuracy=0.5, best_step=4, seconds_before=100.0)
+    train.maybe_save(None, cfg, optimizer, scheduler, state, tmp_path, 0, 1)
+    assert [name for name, _ in saved] == ["last"] and barriers == []
+    resumed = train.LoopState.resumed(saved[0][1])
+    assert (resumed.step, resumed.best_accuracy, resumed.best_step) == (7, 0.5, 4) and resumed.seconds_before >= 100
+    assert saved[0][1]["config"] == dataclasses.asdict(cfg)
+    train.maybe_save(None, cfg, optimizer, scheduler, state, tmp_path, 1, 2)
+    assert len(saved) == 1 and barriers == [1]
 
 
 def test_inference_trains_nothing(tmp_path, capsys):
