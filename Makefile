@@ -53,7 +53,7 @@ EXPERIMENT = --dataset=$(DATASET) --student=$(STUDENT) --teachers="$(TEACHERS)" 
 
 export TINYLLM_ASSETS ?= $(abspath ../shared/assets)
 
-.PHONY: help setup all rationales train eval table sweep fractions ablations study report bench gpu-check test clean
+.PHONY: help setup all rationales train eval table sweep fractions ablations study report bench gpu-check test mutants clean
 .DEFAULT_GOAL := help
 
 help: ## this list
@@ -85,6 +85,7 @@ help: ## this list
 	@echo "  FRACTIONS=\"$(FRACTIONS)\"    fractions: of the training set (Fig. 2)"
 	@echo "  METHODS=\"$(METHODS)\"    fractions: a curve each (default tinyllm dss finetune); study: compared, last - first (default finetune tinyllm)"
 	@echo "  DATASETS=\"$(DATASETS)\"    study: the datasets, each a stratum of the pooled paired analysis"
+	@echo "  MUTANTS=\"...\"    mutants: mutmut name patterns of the functions to mutate (default: the method's rules, the statistics)"
 	@echo "  run folder: $(RUN)"
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -196,6 +197,22 @@ gpu-check: ## on a CUDA machine, in < 8 min: the CUDA tests, then the bench on t
 # ---- tests --------------------------------------------------------------------------------------
 test: $(STAMPS)/dev ## offline test suite on tiny random weights (assets via TINYLLM_ASSETS)
 	exec $(PY) -m pytest -q tests $(ARGS)
+
+# The mutation pass (README, Tests): mutmut (setup.cfg) mutates each of these functions and runs the tests that reach
+# it; a mutant no test notices is a rule the tests do not pin. Not part of `make test`: it takes most of an hour.
+MUTANTS ?= prompts.x_teacher_prompt* prompts.x__block* prompts.x_format_options* data.x_in_context_examples* \
+  data.x_stable_hash* tinyllm.x_is_stale* train.x_parse_alpha* train.x_usable_rationale* train.x_teacher_rationales* \
+  train.x_build_tasks* train.x_micro_batch_loss* train.x_maybe_eval* train.x_valid_accuracy* train.x_maybe_save* \
+  student.x_predict* student.x_accuracy* eval.x_paired_bootstrap* eval.x_bootstrap_interval* eval.x_sign_flip_p* \
+  eval.x_seed_bootstrap_interval* eval.x_seed_permutation_p* eval.x_std_ratio_interval* eval.x_mcnemar_exact* \
+  eval.x_correct_by_id* experiments.x_question_scores* experiments.x_paired_runs* experiments.x_study_analysis* \
+  experiments.x_verdict*
+mutants: $(STAMPS)/dev ## mutation pass (mutmut) over the method's rules and the statistics; not part of make test
+	@# the mutated copy's tests that call make use this checkout's environment, not one built inside the copy
+	mkdir -p mutants && ln -sfn ../$(VENV) mutants/$(VENV) && ln -sfn ../$(STAMPS) mutants/$(STAMPS)
+	@# one thread per test process: mutmut runs one per core
+	OMP_NUM_THREADS=1 $(PY) -m mutmut run $(foreach m,$(MUTANTS),"$(m)")
+	$(PY) -m mutmut results --all true | $(PY) tests/mutants.py $(foreach m,$(MUTANTS),"$(m)")
 
 clean: ## remove run outputs (keeps .venv, DATA and CACHE)
 	rm -rf $(OUT) .pytest_cache __pycache__ tests/__pycache__

@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from conftest import REPO, make_tiny_t5
 
 RUNTIME_SCRIPTS = ["tinyllm.py", "t5.py", "llama.py", "cli.py", "data.py", "prompts.py", "student.py", "train.py",
@@ -148,3 +150,33 @@ def test_make_all_main_job_with_the_default_student_from_a_loopback_hub(tmp_path
     assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "spiece.model").is_file()
     results = json.loads((run / "results.json").read_text())
     assert results["test"]["n"] == 4 and results["method"] == "tinyllm"
+
+
+def test_the_mutation_tally_counts_and_names_what_no_test_explains(tmp_path, monkeypatch, capsys):
+    """tests/mutants.py (the end of `make mutants`) on hand-made mutmut statuses: only the functions asked for
+    count; a timeout is caught; a listed survivor is equivalent; an unlisted survivor, an unchecked mutant or a
+    listed one that no test lets through any more makes it fail, each named."""
+    import io
+    import mutants
+    equivalent = tmp_path / "equivalent_mutants.txt"
+    monkeypatch.setattr(mutants, "EQUIVALENT", equivalent)
+    results = "".join(f"    {name}: {status}\n" for name, status in [
+        ("eval.x_f__mutmut_1", "killed"), ("eval.x_f__mutmut_2", "timeout"), ("eval.x_f__mutmut_3", "survived"),
+        ("eval.x_g__mutmut_1", "survived"), ("eval.x_h__mutmut_1", "survived")])
+
+    def tally(listed: str, *globs: str) -> tuple[int, str]:
+        equivalent.write_text("# why each of these cannot change any output\n" + listed)
+        monkeypatch.setattr("sys.stdin", io.StringIO(results))
+        return mutants.main(list(globs)), capsys.readouterr().out
+
+    code, out = tally("eval.x_f__mutmut_3 draws the same numbers\n", "eval.x_f*", "eval.x_g*")
+    assert out.splitlines()[0] == ("4 mutants of 2 function patterns: 2 killed (1 of them by a timeout), "
+                                   "1 equivalent (equivalent_mutants.txt), 1 survived")
+    assert code == 1 and "  survived: eval.x_g__mutmut_1\n" in out and "`mutmut show <mutant>`" in out
+    assert "eval.x_h" not in out
+    code, out = tally("eval.x_f__mutmut_3 draws the same numbers\n", "eval.x_f*")
+    assert code == 0 and out.splitlines()[0].endswith("1 equivalent (equivalent_mutants.txt), 0 survived")
+    code, out = tally("eval.x_f__mutmut_1 was equivalent once\neval.x_f__mutmut_3 draws the same numbers\n", "eval.x_f*")
+    assert code == 1 and "eval.x_f__mutmut_1 is listed in equivalent_mutants.txt but killed" in out
+    with pytest.raises(SystemExit, match=r"equivalent_mutants.txt:2: eval.x_f__mutmut_3 has no reason"):
+        tally("eval.x_f__mutmut_3\n", "eval.x_f*")
