@@ -640,9 +640,13 @@ def write_study(root: Path, summary: dict) -> dict:
              f"dataset; {summary['resamples']:,} resamples, seed 0) and a seed-level permutation p (method labels "
              f"shuffled among each dataset's runs). Runs fixed (conditional on these trained runs): paired "
              f"bootstrap of the questions and a sign-flip p", ""]
+    seed_folders = [f"seed{seed}" for seed in summary["seeds"]] or [""]  # "": a run without seeds is its row's folder
+    missing = [f"{row['dataset']}/{row['run']}" + (f"/{name}" if name else "") for row in summary["rows"]
+               for name in seed_folders if not (Path(row["folder"]) / name / "results.json").is_file()]
+    planned = len(summary["rows"]) * len(seed_folders)
     pooled = analysis["pooled"]
     if pooled is not None:
-        lines += [verdict(comparison, pooled, seeds_used), ""]
+        lines += [verdict(comparison, pooled, seeds_used, (planned - len(missing), planned)), ""]
     lines += ["| dataset | " + " | ".join(f"{label[m]} valid | {label[m]} test" for m in methods) +
               " | Δ test | 95% CI, seeds resampled | p, seeds | 95% CI, runs fixed | p, runs fixed | seeds | questions "
               f"| wall time ({', '.join(label[m] for m in methods)}) |",
@@ -681,17 +685,16 @@ def write_study(root: Path, summary: dict) -> dict:
                       "bootstrap interval (seeds resampled): " + "; ".join(
                           f"{dataset} {s['first_std']:.2f} / {s['last_std']:.2f} points, ratio {ratio(s)}"
                           for dataset, s in steadiness)]
-    seed_folders = [f"seed{seed}" for seed in summary["seeds"]] or [""]  # "": a run without seeds is its row's folder
-    missing = [f"{row['dataset']}/{row['run']}" + (f"/{name}" if name else "") for row in summary["rows"]
-               for name in seed_folders if not (Path(row["folder"]) / name / "results.json").is_file()]
     if missing:
         lines += ["", f"not finished yet (the same command continues): {', '.join(missing)}"]
     return write_summary(root, "study", summary, lines)
 
 
-def verdict(comparison: str, pooled: dict, seeds_used: dict[str, int]) -> str:
+def verdict(comparison: str, pooled: dict, seeds_used: dict[str, int], runs: tuple[int, int]) -> str:
     """The pooled result in one sentence, from the seed-aware interval: "better" or "worse" only when it excludes
-    0, else "no difference established"; the number of seeds in; the interval with the runs fixed beside it."""
+    0, else "no difference established"; the number of seeds in; the interval with the runs fixed beside it.
+    While fewer than the planned runs (done, planned) are in, it is marked interim: the design fixes the seeds
+    in advance, and a line crossed on the way decides nothing."""
     ours, base = comparison.split(" − ")
     if pooled["low"] > 0:
         head = f"{ours} is better than {base} by {pooled['diff']:.2f} points"
@@ -702,6 +705,8 @@ def verdict(comparison: str, pooled: dict, seeds_used: dict[str, int]) -> str:
     counts = sorted(set(seeds_used.values()))
     seeds = (f"{counts[0]} seed{'s' if counts[0] != 1 else ''} per method on each" if len(counts) == 1 else
              " and ".join(f"{n} seed{'s' if n != 1 else ''} of {d}" for d, n in seeds_used.items()))
+    if runs[0] < runs[1]:
+        head = f"Interim, {runs[0]} of {runs[1]} runs in: " + head.replace("No difference", "no difference", 1)
     fixed = pooled["runs_fixed"]
     return (f"**{head}** (pooled over {pooled['n']:,} test questions of {len(seeds_used)} dataset"
             f"{'s' if len(seeds_used) != 1 else ''}, {seeds}; 95% CI with the seeds resampled "

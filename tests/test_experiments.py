@@ -438,7 +438,8 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     assert "TinyLLM − Fine-tune" in printed and "pooled over 10 test questions of 2 datasets, 2 seeds per method" in printed
     verdict = next(line for line in printed.splitlines() if line.startswith("**"))
     interval = f"[{pooled['low']:+.2f}, {pooled['high']:+.2f}]"
-    assert (pooled["low"] <= 0 <= pooled["high"]) == verdict.startswith("**No difference established")
+    assert verdict.startswith("**Interim, 9 of 12 runs in: ")  # seed 2 asked for, three of its runs missing
+    assert (pooled["low"] <= 0 <= pooled["high"]) == verdict.startswith("**Interim, 9 of 12 runs in: no difference")
     assert f"95% CI with the seeds resampled {interval}, seed-level p = {pooled['p']:.3g}" in verdict
     # stability (exploratory): each method's standard deviation of test accuracy over those seeds
     obqa_std = [np.std([100 * np.mean(c) for c in obqa[m]], ddof=1) for m in ("finetune", "tinyllm")]
@@ -560,25 +561,29 @@ def test_study_analysis_hands_its_resamples_and_seed_to_every_statistic():
 
 def test_the_verdict_sentence_on_hand_made_intervals():
     """"better" or "worse" only when the seed-aware interval excludes 0 (an end at exactly 0 does not), the
-    difference's size then, the seeds counted per dataset when they differ, singular and plural."""
+    difference's size then, the seeds counted per dataset when they differ, singular and plural; "Interim" with
+    the runs in while fewer than planned are."""
     def pooled(diff: float, low: float, high: float) -> dict:
         return dict(n=1010, diff=diff, low=low, high=high, p=0.0123,
                     runs_fixed=dict(low=low + 1, high=high - 1, p=0.000456))
 
     comparison = "TinyLLM − Fine-tune"
-    assert experiments.verdict(comparison, pooled(2.5, 0.5, 4.5), {"obqa": 1}) == (
+    assert experiments.verdict(comparison, pooled(2.5, 0.5, 4.5), {"obqa": 1}, (2, 2)) == (
         "**TinyLLM is better than Fine-tune by 2.50 points** (pooled over 1,010 test questions of 1 dataset, 1 seed "
         "per method on each; 95% CI with the seeds resampled [+0.50, +4.50], seed-level p = 0.0123; with these "
         "trained runs held fixed [+1.50, +3.50], p = 0.000456).")
-    assert experiments.verdict(comparison, pooled(-2.5, -4.5, -0.5), {"obqa": 2, "arc": 1}) == (
-        "**TinyLLM is worse than Fine-tune by 2.50 points** (pooled over 1,010 test questions of 2 datasets, 2 seeds "
-        "of obqa and 1 seed of arc; 95% CI with the seeds resampled [-4.50, -0.50], seed-level p = 0.0123; with "
-        "these trained runs held fixed [-3.50, -1.50], p = 0.000456).")
+    assert experiments.verdict(comparison, pooled(-2.5, -4.5, -0.5), {"obqa": 2, "arc": 1}, (7, 8)) == (
+        "**Interim, 7 of 8 runs in: TinyLLM is worse than Fine-tune by 2.50 points** (pooled over 1,010 test "
+        "questions of 2 datasets, 2 seeds of obqa and 1 seed of arc; 95% CI with the seeds resampled [-4.50, -0.50], "
+        "seed-level p = 0.0123; with these trained runs held fixed [-3.50, -1.50], p = 0.000456).")
     no_difference = ("**No difference established: TinyLLM − Fine-tune = {:+.2f} points** (pooled over 1,010 test "
                      "questions of 2 datasets, 3 seeds per method on each; 95% CI with the seeds resampled")
     for diff, low, high in ((2.3, -0.9, 5.6), (1.0, 0.0, 2.0), (-1.0, -2.0, 0.0), (0.2, -0.5, 0.5)):
-        sentence = experiments.verdict(comparison, pooled(diff, low, high), {"obqa": 3, "arc": 3})
+        sentence = experiments.verdict(comparison, pooled(diff, low, high), {"obqa": 3, "arc": 3}, (12, 12))
         assert sentence.startswith(no_difference.format(diff) + f" [{low:+.2f}, {high:+.2f}]"), sentence
+    interim = experiments.verdict(comparison, pooled(2.3, -0.9, 5.6), {"obqa": 3, "arc": 3}, (12, 16))
+    assert interim.startswith("**Interim, 12 of 16 runs in: no difference established: TinyLLM − Fine-tune = +2.30 "
+                              "points** (pooled over 1,010 test questions of 2 datasets, 3 seeds per method on each;")
 
 
 @pytest.fixture(scope="session")
