@@ -6,8 +6,9 @@
     python experiments.py study --datasets="obqa riddle" --seeds="0 1 2"           # TinyLLM vs fine-tuning, pooled
     python experiments.py report --dataset=obqa --out=out   # OUT/obqa/report.md: every table and figure, with its command
 
-Every row of an experiment is an ordinary run folder (train.py's best/, last/, metrics.jsonl, train.json;
-eval.py's results.json, predictions.jsonl), or with --seeds one seed<N>/ run folder per seed. The runs go
+Every row of an experiment is an ordinary run folder (train.py's best/, metrics.jsonl, train.json, and
+last/ until the run is finished; eval.py's results.json, predictions.jsonl), or with --seeds one seed<N>/ run
+folder per seed. The runs go
 in this process, one after the other, through train.train and evaluate with the configs `make train eval`
 would build: no Python start and torch import per run (longer than a tiny run itself), and a failing run
 stops the experiment with its own message. Resumable: a run with results.json is done and never redone,
@@ -27,6 +28,7 @@ import itertools
 import json
 import math
 import shlex
+import shutil
 import typing
 import urllib.parse
 from dataclasses import dataclass, field
@@ -143,6 +145,11 @@ class RunPlan:
                         if resume else "")
                 raise UserError(f"{self.folder}: {e}{hint}") from e
         evaluate(self.eval)
+        # Done: last/ only ever served to continue a killed training. It holds the weights and AdamW's two
+        # moments (1.6 GB for SmolLM2-135M, three times best/); kept, a 40-run study needs 85 GB and filled
+        # this machine's disk. best/ (what was scored) and train.json (the config it trained with) stay.
+        if (self.folder / "last").exists():
+            shutil.rmtree(self.folder / "last")
 
 
 def plan_runs(cfg: ExperimentConfig, command: str, folder: Path, **fields) -> list[RunPlan]:

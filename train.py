@@ -384,7 +384,7 @@ def fit(cfg: TrainConfig, run: Path, train_examples: list[data.Example], valid_e
             break
     if compiled is not None:
         log(f"--compile=1: {compiled.summary()}")
-    return finish(run, state, len(train_examples), total, metrics, log, rank, world)
+    return finish(cfg, run, state, len(train_examples), total, metrics, log, rank, world)
 
 
 def maybe_log(step_losses: Tensor, state: LoopState, tasks: list[Task], total: int, metrics: Path, log,
@@ -454,15 +454,18 @@ def maybe_save(student: Student, cfg: TrainConfig, optimizer, scheduler, state: 
         dist.barrier()
 
 
-def finish(run: Path, state: LoopState, examples: int, total: int, metrics: Path, log, rank: int, world: int) -> Path:
-    """RUN/train.json, written when training ends (what the table shows as the run's training time)."""
+def finish(cfg: TrainConfig, run: Path, state: LoopState, examples: int, total: int, metrics: Path, log, rank: int,
+           world: int) -> Path:
+    """RUN/train.json, written when training ends (what the table shows as the run's training time), with the
+    config it trained with: the run says how it was made once an experiment has dropped its last/."""
     if world > 1:
         dist.barrier()
     best = run / "best"
     if rank == 0:
         summary = {"seconds": round(state.seconds(), 1), "steps": state.step, "examples": examples,
                    "best_step": state.best_step, "best_valid_accuracy": state.best_accuracy,
-                   "code": cli.code_revision()}  # the git commit that trained it
+                   "code": cli.code_revision(),  # the git commit that trained it
+                   "config": dataclasses.asdict(cfg)}
         atomic_write(run / "train.json", json.dumps(summary, indent=2) + "\n")
     log(f"checkpoint: {best} (valid accuracy {state.best_accuracy:.4f} at step {state.best_step}); "
         f"last: {run / 'last'} (step {state.step}/{total}); metrics: {metrics}")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import cli
 import eval as evaluation
@@ -71,8 +70,10 @@ def check_figure(path: Path, kind: str, printed: str) -> None:
 
 
 def trained_config(run: Path) -> dict:
-    """The train.py config a run folder was trained with (saved with its last checkpoint for --resume)."""
-    return torch.load(run / "last" / "trainer_state.pt", map_location="cpu", weights_only=True)["config"]
+    """The train.py config a finished run was trained with, from its train.json; an experiment has dropped its
+    last/ (the resume state, which holds the same config)."""
+    assert not (run / "last").exists(), f"{run}: a finished experiment run keeps no last/"
+    return json.loads((run / "train.json").read_text())["config"]
 
 
 def write_results(folder: Path, valid: float, test: float, method: str = "tinyllm") -> None:
@@ -177,15 +178,27 @@ def test_a_killed_sweep_resumes_without_redoing_what_finished(workspace, tmp_pat
     assert (first / "results.json").stat().st_mtime_ns == finished
     assert [row["folder"] for row in summary["rows"]] == [str(first), str(second)]
 
-    # killed after last/ was saved but before training ended (no train.json): continued, not redone
+    assert not (first / "last").exists() and not (second / "last").exists()  # finished: the resume state dropped
+
+    # killed after its last/ was saved but before training ended (no train.json): continued, not redone
+    shutil.rmtree(second)
+    real_finish = train.finish
+
+    def killed_finish(*args, **kwargs):
+        raise Killed  # after the last step's save, before train.json
+
+    monkeypatch.setattr(train, "finish", killed_finish)
+    with pytest.raises(Killed):
+        experiments.sweep(cfg)
+    assert (second / "last" / "trainer_state.pt").is_file() and not (second / "train.json").exists()
     steps = (second / "metrics.jsonl").read_text()
-    for name in ("train.json", "results.json"):
-        (second / name).unlink()
+    monkeypatch.setattr(train, "finish", real_finish)
     trained.clear(), evaluated.clear()
     experiments.sweep(cfg)
     assert [(t.out, t.resume) for t in trained] == [(str(second), 1)] and evaluated == [str(second)]
     assert (second / "metrics.jsonl").read_text() == steps  # no step trained again
     assert (first / "results.json").stat().st_mtime_ns == finished
+    assert (second / "results.json").is_file() and not (second / "last").exists()
 
 
 SWEEP_SCORES = {(0, 0): (0.30, 0.35), (0, 1): (0.50, 0.40), (1, 0): (0.40, 0.45), (1, 1): (0.45, 0.60)}  # (valid, test)

@@ -878,13 +878,15 @@ def test_best_is_the_step_with_the_highest_valid_accuracy(tiny_t5, tmp_path, dat
     monkeypatch.setattr(data, "fetch", lambda rel, *a, **k: fetched.append(rel) or real_fetch(rel, *a, **k))
     monkeypatch.setattr(prompts, "parse_answer", scripted)
     out = tmp_path / "run"
-    train.train(config(tiny_t5, out, data_dir, cache_dir, method="finetune", epochs=5, eval_every=1))
+    cfg = config(tiny_t5, out, data_dir, cache_dir, method="finetune", epochs=5, eval_every=1)
+    train.train(cfg)
     assert len(calls) == 5 * LIMIT
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["valid_accuracy"] for r in records if "valid_accuracy" in r] == [c / LIMIT for c in correct_per_eval]
     summary = json.loads((out / "train.json").read_text())
     assert (summary["best_step"], summary["best_valid_accuracy"]) == (2, 0.75)
     assert summary["code"] == cli.code_revision() and summary["code"] is not None  # this checkout's commit
+    assert summary["config"] == dataclasses.asdict(cfg)  # the run says how it was trained, without last/
 
     names = parameter_names(tiny_t5)
     best, last = checkpoint_tensors(out / "best"), checkpoint_tensors(out / "last")
