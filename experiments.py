@@ -8,14 +8,13 @@
 
 Every row of an experiment is an ordinary run folder (train.py's best/, metrics.jsonl, train.json, and
 last/ until the run is finished; eval.py's results.json, predictions.jsonl), or with --seeds one seed<N>/ run
-folder per seed. The runs go
-in this process, one after the other, through train.train and evaluate with the configs `make train eval`
-would build: no Python start and torch import per run (longer than a tiny run itself), and a failing run
-stops the experiment with its own message. Resumable: a run with results.json is done and never redone,
-one with train.json (training ended) is only evaluated, one with last/ continues from it (train.py
---resume), so a killed experiment, started again, does what is missing. Then each row is scored from its
-run folder(s), the table printed, and OUT/<dataset>/<experiment>.json (every row), .md (the table) and
-.png (the figure) written.
+folder per seed. The runs go in this process, one after the other, through train.train and evaluate with the
+configs `make train eval` would build: no Python start and torch import per run (longer than a tiny run
+itself), and a failing run stops the experiment with its own message. Resumable: a run with results.json
+is done and never redone, one with train.json (training ended) is only evaluated, one with last/ continues
+from it (train.py --resume), so a killed experiment, started again, does what is missing. Then each row is
+scored from its run folder(s), the table printed, and OUT/<dataset>/<experiment>.json (every row), .md (the
+table) and .png (the figure) written.
 
 An experiment is a config (ExperimentConfig and its own flags), a function that adds its rows to an
 Experiment, runs them and writes its table (write_<name>), a line in EXPERIMENTS, and its figure
