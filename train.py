@@ -333,12 +333,20 @@ def train(cfg: TrainConfig) -> Path:
         log(f"--method=inference trains nothing: `make eval METHOD=inference` evaluates {cfg.student} as is")
         return run
     train_examples, valid_examples, tasks = check_run(cfg, world, log)
-    if cfg.check_only:
-        resume_state(cfg, run)
-        log(f"{run}: the flags, the data, the rationale cache and the run folder are fine (--check_only=1)")
-        return run
-    with cli.folder_lock(run) if rank == 0 else contextlib.nullcontext():  # under torchrun, the first rank's
-        return fit(cfg, run, train_examples, valid_examples, tasks, resume_state(cfg, run), rank, world, device, log)
+    # Recovering a killed save moves checkpoints, so only the folder's one writer does it (under torchrun, the
+    # first rank): a check of a folder another run is saving into stops here instead of deleting its temp folder.
+    writer = rank == 0 and (run.is_dir() or not cfg.check_only)  # a check of a new folder creates nothing
+    with cli.folder_lock(run) if writer else contextlib.nullcontext():
+        if writer:
+            for folder in (run / "last", run / "best"):
+                recover_checkpoint(folder)
+        if world > 1:
+            dist.barrier()  # the other ranks read last/ once it is whole
+        saved = resume_state(cfg, run)
+        if cfg.check_only:
+            log(f"{run}: the flags, the data, the rationale cache and the run folder are fine (--check_only=1)")
+            return run
+        return fit(cfg, run, train_examples, valid_examples, tasks, saved, rank, world, device, log)
 
 
 def fit(cfg: TrainConfig, run: Path, train_examples: list[data.Example], valid_examples: list[data.Example],
@@ -532,7 +540,7 @@ def make_optimizer(cfg: TrainConfig, student: Student, total: int, saved: dict |
     # fused: one kernel for the whole update, on CUDA and on CPU (measured on CPU, 74M parameters:
     # 0.055 s a step against 0.95 s for the per-tensor loop)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    # a lambda, not the function itself: LambdaLR's state_dict (saved for --resume) then holds no callable
+    # a closure binding warmup and total; LambdaLR's state_dict (saved for --resume) keeps no function, only its step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total))
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
@@ -541,9 +549,8 @@ def make_optimizer(cfg: TrainConfig, student: Student, total: int, saved: dict |
 
 
 def resume_state(cfg: TrainConfig, run: Path) -> dict | None:
-    """RUN/last/trainer_state.pt with --resume=1 (checked against this run's flags), else None."""
-    for folder in (run / "last", run / "best"):
-        recover_checkpoint(folder)
+    """RUN/last/trainer_state.pt with --resume=1 (checked against this run's flags), else None. Reads only: train
+    has recovered a killed save first (recover_checkpoint), as the folder's one writer."""
     if not cfg.resume:
         return None
     path = run / "last" / "trainer_state.pt"

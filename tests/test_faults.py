@@ -102,7 +102,8 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def lock_is_free(lock: Path) -> bool:
-    with open(lock, "a") as handle:
+    """Whether no process holds `lock`; a lock file that does not exist (a misnamed one) is an error, not free."""
+    with open(lock) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -212,6 +213,23 @@ def test_a_second_rationales_on_the_same_cache_file_stops_before_any_work(world,
     line = last_line(result.stderr, "error: ")
     assert line.startswith(f"error: {tinyllm.cache_file(cache, 'obqa', 'b')} is in use by pid {os.getpid()} (")
     assert line.endswith("or choose another --cache")
+
+
+def test_a_check_of_a_folder_in_use_stops_and_leaves_its_save_alone(world, tmp_path):
+    """`make train CHECK=1` (as `make table` runs first) on a folder a run is saving into: the check would
+    recover a killed save, which deletes temp folders, so it stops as a second writer does; the save is untouched."""
+    out = tmp_path / "run"
+    saving = out / ".last.tmp-12345"  # a checkpoint being written: save_checkpoint's temp folder, before its rename
+    saving.mkdir(parents=True)
+    with cli.folder_lock(out):  # this test process is the run that is saving
+        result = subprocess.run(train_command(world, out, "--check_only=1"), cwd=REPO, env=world.env,
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and f"is in use by pid {os.getpid()}" in last_line(result.stderr, "error: ")
+    assert saving.is_dir()
+    fresh = subprocess.run(train_command(world, tmp_path / "new", "--check_only=1"), cwd=REPO, env=world.env,
+                           capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0 and "are fine (--check_only=1)" in fresh.stdout, fresh.stderr[-2000:]
+    assert not (tmp_path / "new").exists()  # a check of a new folder creates nothing
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,7 +375,8 @@ def test_sigterm_to_a_study_between_runs_keeps_every_finished_run(world, tmp_pat
     assert line.startswith("interrupted (SIGTERM): 1 of 2 runs are finished and kept"), line
     first, second = out / "study" / "obqa" / "finetune" / "seed0", out / "study" / "obqa" / "tinyllm" / "seed0"
     assert (first / "results.json").is_file() and not (second / "results.json").exists()
-    assert leftovers(out) == [] and (not second.exists() or lock_is_free(second / cli.LOCK_FILE))
+    lock = second / cli.LOCK_FILE  # absent when the signal came before the second run took its folder
+    assert leftovers(out) == [] and (not lock.exists() or lock_is_free(lock))
     again = subprocess.run(command, cwd=REPO, env=world.env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "1 of 2 runs finished already (kept), 1 to run" in again.stdout
