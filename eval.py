@@ -85,7 +85,7 @@ class TableConfig:
 METRICS = {"accuracy_generate": "correct_generate", "accuracy_sum": "correct_sum", "accuracy_norm": "correct_norm"}
 
 
-def split_results(records: list[dict], scorings: list[str]) -> dict:
+def split_results(records: list[dict]) -> dict:
     """accuracy (the first scoring's: generate, or rank's summed log-likelihood, lm-eval's acc), n, and per
     scoring its own: accuracy_generate; accuracy_sum and accuracy_norm (per UTF-8 byte, lm-eval's acc_norm)."""
     results = {"accuracy": accuracy(records), "n": len(records)}
@@ -113,7 +113,6 @@ def write_evaluation(cfg: EvalConfig, splits: list[str], device: torch.device) -
     """evaluate's work: every split's predictions, then predictions.jsonl and results.json, each written whole."""
     # Inference only: bf16 weights where the device computes in bf16 natively, fp32 elsewhere.
     dtype = torch.bfloat16 if cfg.bf16 and bf16_supported(device) else torch.float32
-    scorings = parse_scoring(cfg.scoring)
     student = load_student(cfg.model, device, bool(cfg.bf16), dtype, chat=cfg.chat, boundary=cfg.boundary,
                            task_prefix=cfg.task_prefix)
     out = Path(cfg.out)
@@ -126,7 +125,7 @@ def write_evaluation(cfg: EvalConfig, splits: list[str], device: torch.device) -
         progress = Progress(f"{cfg.dataset} {split}", len(examples), unit="examples")
         records = predict(student, examples, cfg.scoring, cfg.batch_size, cfg.max_input_tokens, cfg.max_new_tokens,
                           progress=progress.update)
-        results[split] = split_results(records, scorings)
+        results[split] = split_results(records)
         lines += [json.dumps({"split": split, **record}) for record in records]
         print(f"{cfg.dataset} {split}: " + ", ".join(f"{metric} {value:.4f}" for metric, value in results[split].items()
                                                      if metric.startswith("accuracy"))
@@ -181,11 +180,16 @@ def mean_or_none(values: list[float | None]) -> float | None:
     return None if not values or None in values else statistics.fmean(values)
 
 
+def seed_folders(folder: Path) -> list[Path]:
+    """The finished seed<N>/ runs of a row folder (those with a results.json), by N."""
+    return sorted((path.parent for path in folder.glob("seed*/results.json") if path.parent.name[4:].isdigit()),
+                  key=lambda seed: int(seed.name[4:]))
+
+
 def load_run(folder: Path) -> Run | None:
     """The run in `folder`: its results.json, or (SEEDS) its seed<N>/results.json folders, which take
     precedence over a results.json beside them. One seed is that seed's run, under the row's name."""
-    seeds = sorted((path.parent for path in folder.glob("seed*/results.json") if path.parent.name[4:].isdigit()),
-                   key=lambda seed: int(seed.name[4:]))
+    seeds = seed_folders(folder)
     if seeds:
         runs = [load_run(seed) for seed in seeds]
         if len(runs) == 1:
@@ -394,10 +398,8 @@ def table(cfg: TableConfig) -> str:
     """Table 1: one row per run, a column per metric of `--metric`, the wall time when recorded, Δ_FF and
     Δ_Distill (relative, as the paper), then the paired differences of TinyLLM against fine-tuning and the best
     distillation baseline: bootstrap interval and exact McNemar p, per metric."""
-    metrics = [m.strip() for m in cfg.metric.split(",") if m.strip()]
-    for metric in metrics:
-        if metric not in METRIC_NAMES:
-            raise UserError(f"--metric={metric!r}: expected one of {', '.join(METRIC_NAMES)} (comma-separated)")
+    cli.check_flags(cfg)  # a config made in code is checked as a parsed one is
+    metrics = split_list(cfg.metric)  # as its rule reads them
     rows = read_results(Path(cfg.out), cfg.dataset)
     if not rows:
         raise UserError(f"no results in {Path(cfg.out) / cfg.dataset}/*/results.json: run `make table` or "
@@ -460,7 +462,7 @@ def write_table(cfg: TableConfig, text: str) -> None:
     """Table 1 beside its runs, for `make report`: OUT/<dataset>/table.md and its bar chart table.png."""
     root = Path(cfg.out) / cfg.dataset
     atomic_write(root / "table.md", text + "\n")
-    metric = cfg.metric.split(",")[0].strip()
+    metric = split_list(cfg.metric)[0]
     draw("table", root / "table.png", lambda fig: plot_table(fig, read_results(Path(cfg.out), cfg.dataset),
                                                             metric, cfg.dataset))
 

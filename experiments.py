@@ -43,7 +43,8 @@ from cli import (BOOL, ConfigT, Rule, UserError, at_least, atomic_write, flag, f
                  parse_flags, run_main, some_of, split_list)
 from eval import (MATPLOTLIB_HINT, METRIC_NAMES, EvalConfig, TableConfig, bootstrap_interval, correct_by_id, draw,
                   draw_training, evaluate, figure_class, load_run, percent, plot_table, read_results, row_label,
-                  seed_bootstrap_interval, seed_permutation_p, sign_flip_p, std_ratio_interval, table, write_table)
+                  seed_bootstrap_interval, seed_folders, seed_permutation_p, sign_flip_p, std_ratio_interval, table,
+                  write_table)
 
 
 SEEDS_RULE = Rule("integers, each once", lambda value: parse_seeds(value) and None)
@@ -390,7 +391,7 @@ def method_runs(methods: str, names: list[str]) -> list[tuple[str, str, str]]:
     """(run name, method, teacher) per method, named as `make table` names its run folders."""
     trained = [m for m in train.METHODS if m != "inference"]
     runs: list[tuple[str, str, str]] = []
-    for method in methods.split():
+    for method in split_list(methods):
         if method not in trained:
             raise UserError(f"--methods: {method!r} is not one of {', '.join(trained)} (inference trains nothing)")
         runs += [(f"dss-{name}", "dss", name) for name in names] if method == "dss" else [(method, method, "")]
@@ -529,11 +530,8 @@ class StudyConfig(ExperimentConfig):
 
 
 def study_datasets(cfg: StudyConfig) -> list[str]:
-    datasets = cfg.datasets.split() or [cfg.dataset]
-    unknown = [d for d in datasets if d not in data.DATASETS]
-    if unknown or len(set(datasets)) != len(datasets):
-        raise UserError(f"--datasets={cfg.datasets!r}: each of {', '.join(data.DATASETS)} at most once")
-    return datasets
+    """--datasets as its rule reads it (known, each once, comma- or space-separated), else --dataset."""
+    return split_list(cfg.datasets) or [cfg.dataset]
 
 
 def study(cfg: StudyConfig) -> dict:
@@ -541,8 +539,9 @@ def study(cfg: StudyConfig) -> dict:
     seed by seed (a stopped study has whole seeds first); then write_study."""
     methods = method_runs(cfg.methods, tinyllm.teacher_names(cfg.teachers))  # two or more: StudyConfig.check
     root = Path(cfg.out) / "study"
+    datasets = study_datasets(cfg)
     rows, runs = [], []
-    for dataset in study_datasets(cfg):
+    for dataset in datasets:
         sub = dataclasses.replace(cfg, dataset=dataset, out=str(root))
         check_experiment(sub)
         for run, method, teacher in methods:
@@ -553,7 +552,7 @@ def study(cfg: StudyConfig) -> dict:
     if cfg.train:
         run_plans([plans[k] for k in range(len(runs[0])) for plans in runs])  # seed-major order
     root.mkdir(parents=True, exist_ok=True)  # --train=0 before any run: the empty table still gets written
-    summary = dict(datasets=study_datasets(cfg), methods=[run for run, _, _ in methods], metric=cfg.metric,
+    summary = dict(datasets=datasets, methods=[run for run, _, _ in methods], metric=cfg.metric,
                    seeds=[s for s in parse_seeds(cfg.seeds) if s is not None], resamples=cfg.resamples,
                    command=command_line("study", cfg), rows=rows)
     return write_study(root, summary)
@@ -561,8 +560,7 @@ def study(cfg: StudyConfig) -> dict:
 
 def question_scores(folder: Path, metric: str, split: str = "test") -> dict[str, dict[str, bool]]:
     """Seed name ("" for a run without seeds) -> {question id: correct} of every finished run of a row."""
-    seeds = sorted(path.parent for path in folder.glob("seed*/results.json"))
-    runs = {seed.name: seed for seed in seeds} or ({"": folder} if (folder / "results.json").is_file() else {})
+    runs = {seed.name: seed for seed in seed_folders(folder)} or ({"": folder} if (folder / "results.json").is_file() else {})
     return {name: correct_by_id(path, metric, split) for name, path in runs.items()}
 
 

@@ -535,7 +535,8 @@ class DecoderOnlyStudent(Student):
         eos_ids = tuple(self.tokenizer.eos_ids)
         with self.autocast():
             out = self.module.generate(input_ids, mask, max_new_tokens, eos_ids=eos_ids)
-        return [self.tokenizer.decode(cut_at_eos(row, set(eos_ids))) for row in out.tolist()]
+        eos = set(eos_ids)
+        return [self.tokenizer.decode(cut_at_eos(row, eos)) for row in out.tolist()]
 
     def save_pretrained(self, folder: Path) -> None:
         super().save_pretrained(folder)

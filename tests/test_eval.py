@@ -20,8 +20,8 @@ import eval as evaluation
 import prompts
 import student as students
 import train
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 EXAMPLES = [data.Example("q1", "Which is red?", ("grass", "blood", "sky"), 1),
@@ -129,7 +129,7 @@ def test_rank_sum_and_norm_disagree_on_a_hand_made_case():
     assert [r["correct_sum"] for r in records] == [False, True, False, True]
     assert [r["correct_norm"] for r in records] == [False, True, True, True]
     assert [r["prediction"] for r in records] == [r["prediction_sum"] for r in records]  # rank's own is acc
-    results = evaluation.split_results(records, ["rank"])
+    results = evaluation.split_results(records)
     assert results == {"accuracy": 0.5, "n": 4, "accuracy_sum": 0.5, "accuracy_norm": 0.75}
 
 
@@ -137,7 +137,7 @@ def test_generate_and_rank_in_one_run():
     gold = {"q1": "blood", "q2": "fire", "q3": "fish", "q4": "bird"}
     scores = {"q1": [-5.0, -6.0, -4.0], "q2": [-2.0, -4.0], "q3": [-4.0, -9.0, -3.5, -7.0], "q4": [-4.0, -3.0]}
     records = students.predict(HandMadeStudent(gold, scores), EXAMPLES, "generate,rank")
-    results = evaluation.split_results(records, ["generate", "rank"])
+    results = evaluation.split_results(records)
     assert results == {"accuracy": 0.75, "n": 4, "accuracy_generate": 0.75, "accuracy_sum": 0.5,
                        "accuracy_norm": 0.75}
     assert records[1]["output"] == "fire" and records[1]["scores"] == scores["q2"]
@@ -343,8 +343,11 @@ def test_table_metric_columns_and_paired_rows(tmp_path):
     assert sum_rows[1].startswith("| TinyLLM − DSS-t1 | +33.33 |") and sum_rows[1].endswith(" / 0 |")
     norm_rows = lines[lines.index("accuracy_norm:") + 3:]
     assert norm_rows[0] == "| TinyLLM − Fine-tune | +0.00 | [+0.00, +0.00] | 1 | 0 / 0 |"
-    with pytest.raises(SystemExit, match="--metric='acc': expected one of"):
+    with pytest.raises(SystemExit, match="--metric=acc: 'acc' is not one of"):
         evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path), metric="acc"))
+    # space-separated, as the flag's rule accepts it: the same table
+    assert evaluation.table(evaluation.TableConfig(dataset="obqa", out=str(tmp_path),
+                                                   metric="accuracy_sum accuracy_norm", resamples=2000)) == text
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -475,14 +478,13 @@ def test_seed_permutation_p_random_draws_agree_with_the_enumeration(monkeypatch)
 
 def test_std_ratio_interval_by_direct_computation():
     """Identical spread: the ratio's interval holds 1; a method ten times steadier: the whole interval far
-    below 1; its point value the plain ratio of sample standard deviations."""
+    below 1."""
     rng = np.random.default_rng(5)
     noisy = rng.normal(40, 4, 10)
     low, high = evaluation.std_ratio_interval(noisy, noisy + 1.0)  # the same runs shifted: identical spread
     assert low < 1 < high
     steady = 40 + (noisy - 40) / 10
     low, high = evaluation.std_ratio_interval(noisy, steady)
-    assert np.std(steady, ddof=1) / np.std(noisy, ddof=1) == pytest.approx(0.1)
     assert high < 0.2 and low > 0.05
 
 

@@ -466,6 +466,16 @@ def test_study_analysis_on_hand_made_predictions(tmp_path, no_training, capsys):
     check_figure(root / "study.png", "study", printed)
 
 
+def test_study_list_flags_are_split_as_their_rules_split_them():
+    """--datasets and --methods, comma- or space-separated (cli.split_list, as the flags' rules read them)."""
+    for datasets in ("obqa,riddle", "obqa riddle", "obqa, riddle"):
+        assert experiments.study_datasets(experiments.StudyConfig(datasets=datasets)) == ["obqa", "riddle"]
+    assert experiments.study_datasets(experiments.StudyConfig(dataset="arc")) == ["arc"]
+    assert experiments.method_runs("finetune,tinyllm", []) == [("finetune", "finetune", ""), ("tinyllm", "tinyllm", "")]
+    with pytest.raises(cli.UserError, match="give each method once"):
+        experiments.method_runs("finetune,finetune", [])
+
+
 def test_study_before_any_run_writes_the_empty_table(tmp_path, no_training, capsys):
     """--train=0 on an out folder no run has written yet: the table of what is missing, not a write error."""
     cfg = experiments.StudyConfig(datasets="obqa arc", seeds="0 1", out=str(tmp_path / "fresh"), train=0, resamples=10)
@@ -517,11 +527,12 @@ def test_question_scores_of_a_row_with_and_without_seeds(tmp_path):
     assert experiments.question_scores(tmp_path / "single", "accuracy") == {"": {"a": True, "b": False}}
     assert experiments.question_scores(tmp_path / "single", "accuracy_norm") == {"": {"a": False, "b": True}}
     assert experiments.question_scores(tmp_path / "single", "accuracy", "valid") == {"": {"v": False}}
-    predictions(tmp_path / "seeded" / "seed1", rows[:1])
-    predictions(tmp_path / "seeded" / "seed0", rows[1:])
-    (tmp_path / "seeded" / "seed2").mkdir()  # not finished: no results.json
-    assert experiments.question_scores(tmp_path / "seeded", "accuracy") == {"seed0": {"b": False},
-                                                                             "seed1": {"a": True}}
+    predictions(tmp_path / "seeded" / "seed10", rows[:1])
+    predictions(tmp_path / "seeded" / "seed2", rows[1:])
+    predictions(tmp_path / "seeded" / "seed_old", rows)  # not a seed<N>/ folder: not a run of the row
+    (tmp_path / "seeded" / "seed3").mkdir()  # not finished: no results.json
+    scores = experiments.question_scores(tmp_path / "seeded", "accuracy")
+    assert list(scores.items()) == [("seed2", {"b": False}), ("seed10", {"a": True})]  # by N, as load_run orders
     assert experiments.question_scores(tmp_path / "nothing", "accuracy") == {}
 
 
@@ -600,10 +611,9 @@ def test_the_verdict_sentence_on_hand_made_intervals():
 
 
 @pytest.fixture(scope="session")
-def two_datasets(workspace) -> dict[str, Path]:
+def two_datasets(workspace, assets) -> dict[str, Path]:
     """The workspace with ARC beside OBQA: its release and the released rationales of 4 training examples."""
-    download("arc", workspace["data"], base_url=str(Path(os.environ.get("TINYLLM_ASSETS", REPO.parent / "shared" / "assets")) / "tinyllm_release"),
-                  rationales=True)
+    download("arc", workspace["data"], base_url=str(assets / "tinyllm_release"), rationales=True)
     tinyllm.rationales(tinyllm.RationalesConfig(dataset="arc", teachers=RELEASE, data=str(workspace["data"]),
                                                 cache=str(workspace["cache"]), limit=4, device="cpu"))
     return workspace
