@@ -1,7 +1,5 @@
 """The committed study's numbers recomputed from its run files alone, with code of its own (no project import)."""
-import itertools
 import json
-import math
 import random
 from pathlib import Path
 
@@ -52,7 +50,7 @@ def test_the_readme_numbers_recomputed_from_the_committed_runs_alone():
     low, high = values[249], values[9749]  # 2.5% and 97.5% of 10,000, nearest ranks
     assert (low, high) == pytest.approx((pooled["low"], pooled["high"]), abs=0.3)  # Monte Carlo error ~0.1
 
-    # seed-level permutation: every relabelling of each dataset's runs (or random ones, when there are many)
+    # seed-level permutation, random relabellings of each dataset's runs (C(20, 10)² of them: too many to enumerate)
     def pooled_stat(labels: list[tuple[list[float], list[float]]]) -> float:
         return sum(n * (sum(b) / len(b) - sum(a) / len(a)) for (a, b), n in zip(labels, sizes)) / total
 
@@ -62,14 +60,8 @@ def test_the_readme_numbers_recomputed_from_the_committed_runs_alone():
     def split(every: list[float], chosen: set[int]) -> tuple[list[float], list[float]]:
         return [x for i, x in enumerate(every) if i not in chosen], [every[i] for i in chosen]
 
-    if math.prod(math.comb(len(a) + len(b), len(b)) for a, b in accuracies) <= 100_000:
-        choices = [[split(a + b, set(chosen)) for chosen in itertools.combinations(range(len(a) + len(b)), len(b))]
-                   for a, b in accuracies]
-        stats = [abs(pooled_stat(list(labels))) for labels in itertools.product(*choices)]
-        p = sum(s >= observed - 1e-12 for s in stats) / len(stats)
-        tolerance = 1e-9
-    else:
-        hits = sum(abs(pooled_stat([split(a + b, set(rng.sample(range(len(a) + len(b)), len(b))))
-                                    for a, b in accuracies])) >= observed - 1e-12 for _ in range(20_000))
-        p, tolerance = (hits + 1) / 20_001, 0.02
-    assert p == pytest.approx(pooled["p"], abs=tolerance)
+    hits = sum(abs(pooled_stat([split(a + b, set(rng.sample(range(len(a) + len(b)), len(b))))
+                                for a, b in accuracies])) >= observed - 1e-12 for _ in range(20_000))
+    p = (hits + 1) / 20_001
+    # Monte Carlo error: about 0.0003 here and 0.0004 in the project's 10,000 draws at p near 0.0015
+    assert p == pytest.approx(pooled["p"], abs=0.0025)

@@ -23,9 +23,8 @@ import pytest
 import cli
 import data
 import tinyllm
-from conftest import download
+from conftest import REPO, download
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,8 @@ import prompts
 import t5
 import student as students
 import train
-from conftest import download
+from conftest import REPO, download
 
-REPO = Path(__file__).resolve().parent.parent
 LIMIT = 4
 
 
